@@ -1,0 +1,1 @@
+"""voltcredit gateway: meter drivers, token delivery, readings over MQTT (issue 4)."""
