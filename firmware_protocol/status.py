@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import enum
 
+from firmware_protocol import errors
+
 
 class TokenStatus(enum.IntEnum):
     """What a meter did with the last signed message written to it."""
@@ -37,3 +39,25 @@ class TokenStatus(enum.IntEnum):
     def final(self) -> bool:
         """True for every outcome except the transient ones."""
         return self not in (TokenStatus.NONE, TokenStatus.PENDING)
+
+
+#: Refusal → outcome code, most specific first (SPEC.md §4).
+_BY_ERROR: tuple[tuple[type[errors.ProtocolError], TokenStatus], ...] = (
+    (errors.UnknownVersionError, TokenStatus.UNKNOWN_VERSION),
+    (errors.MalformedError, TokenStatus.MALFORMED),
+    (errors.SignatureError, TokenStatus.BAD_SIGNATURE),
+    (errors.UnknownKeyError, TokenStatus.UNKNOWN_KEY),
+    (errors.WrongMeterError, TokenStatus.WRONG_METER),
+    (errors.ExpiredError, TokenStatus.EXPIRED),
+    (errors.NotYetValidError, TokenStatus.NOT_YET_VALID),
+    (errors.AlreadyAppliedError, TokenStatus.ALREADY_APPLIED),
+    (errors.TooOldError, TokenStatus.TOO_OLD),
+)
+
+
+def status_for_error(exc: errors.ProtocolError) -> TokenStatus:
+    """The outcome a meter reports for a refused message; anything else is REFUSED."""
+    for kind, status in _BY_ERROR:
+        if isinstance(exc, kind):
+            return status
+    return TokenStatus.REFUSED

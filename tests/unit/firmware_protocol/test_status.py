@@ -31,3 +31,24 @@ def test_applied_and_final() -> None:
     assert not TokenStatus.PENDING.final
     assert not TokenStatus.NONE.final
     assert TokenStatus.BAD_SIGNATURE.final
+
+
+def test_status_for_error_is_most_specific() -> None:
+    from firmware_protocol import errors
+    from firmware_protocol.status import status_for_error
+
+    cases = {
+        errors.UnknownVersionError("x"): TokenStatus.UNKNOWN_VERSION,
+        errors.PayloadTooLargeError("x"): TokenStatus.MALFORMED,
+        errors.MalformedError("x"): TokenStatus.MALFORMED,
+        errors.SignatureError("x"): TokenStatus.BAD_SIGNATURE,
+        errors.UnknownKeyError("x"): TokenStatus.UNKNOWN_KEY,
+        errors.WrongMeterError("x"): TokenStatus.WRONG_METER,
+        errors.ExpiredError("x"): TokenStatus.EXPIRED,
+        errors.NotYetValidError("x"): TokenStatus.NOT_YET_VALID,
+        errors.AlreadyAppliedError("x"): TokenStatus.ALREADY_APPLIED,
+        errors.TooOldError("x"): TokenStatus.TOO_OLD,
+        errors.TariffError("x"): TokenStatus.REFUSED,
+    }
+    for exc, status in cases.items():
+        assert status_for_error(exc) is status, exc
