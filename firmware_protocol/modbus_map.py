@@ -448,7 +448,14 @@ _POLL = _group(
         ("active_band", _U16, 0, "", _R, "tariff band index energy is counted in now"),
         ("clock_unix", _U64, 0, "s", _R, "meter clock, Unix seconds (UTC)"),
         ("active_tariff_id", _U32, 0, "", _R, "id of the active tariff; 0 = none"),
-        ("block_period_index", _U32, 0, "", _R, "block period: (year-1970)*12 + month-1, local"),
+        (
+            "block_period_index",
+            _U32,
+            0,
+            "",
+            _R,
+            "block period: year*12 + month-1, local (rating.block_period_of)",
+        ),
         ("block_period_wh", _U64, 0, "Wh", _R, "import energy in the current block period"),
     ],
 )

@@ -22,10 +22,10 @@ from __future__ import annotations
 import datetime as dt
 import zoneinfo
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
-from firmware_protocol.errors import TariffError
-from firmware_protocol.units import Currency, check_int
+from firmware_protocol.errors import TariffError, UnitError
+from firmware_protocol.units import Currency, check_int, currency
 
 MAX_BANDS: Final = 8
 MAX_SWITCHES_PER_DAY: Final = 12
@@ -171,3 +171,95 @@ def _check_schedule(name: str, schedule: tuple[Switch, ...], n_bands: int) -> No
     for s in schedule:
         if s.band >= n_bands:
             raise TariffError(f"{name} schedule names band {s.band} but there are {n_bands}")
+
+
+def tariff_to_dict(tariff: Tariff) -> dict[str, Any]:
+    """A JSON-ready dict (used by configs, state files, the API and the vectors)."""
+
+    def sched(s: tuple[Switch, ...]) -> list[list[int]]:
+        return [[x.minute, x.band] for x in s]
+
+    return {
+        "tariff_id": tariff.tariff_id,
+        "currency": tariff.currency.code,
+        "timezone": tariff.timezone,
+        "bands": [
+            {"name": b.name, "price_milli_per_kwh": b.price_milli_per_kwh} for b in tariff.bands
+        ],
+        "weekday": sched(tariff.weekday),
+        "weekend": sched(tariff.weekend),
+        "holiday": sched(tariff.holiday),
+        "standing_charge_milli_per_day": tariff.standing_charge_milli_per_day,
+        "holidays": [d.isoformat() for d in tariff.holidays],
+        "blocks": [[b.from_wh, b.adder_milli_per_kwh] for b in tariff.blocks],
+    }
+
+
+_TARIFF_KEYS: Final = frozenset(
+    (
+        "tariff_id",
+        "currency",
+        "timezone",
+        "bands",
+        "weekday",
+        "weekend",
+        "holiday",
+        "standing_charge_milli_per_day",
+        "holidays",
+        "blocks",
+    )
+)
+
+
+def tariff_from_dict(data: object) -> Tariff:
+    """Inverse of :func:`tariff_to_dict`; anything malformed raises :class:`TariffError`."""
+    if not isinstance(data, dict):
+        raise TariffError("a tariff is a JSON object")
+    unknown = set(data) - _TARIFF_KEYS
+    if unknown:
+        raise TariffError(f"unknown tariff fields: {', '.join(sorted(unknown))}")
+    missing = {"tariff_id", "currency", "timezone", "bands", "weekday"} - set(data)
+    if missing:
+        raise TariffError(f"missing tariff fields: {', '.join(sorted(missing))}")
+    try:
+        weekday = _sched(data["weekday"])
+        return Tariff(
+            tariff_id=data["tariff_id"],
+            currency=currency(data["currency"]),
+            timezone=data["timezone"],
+            bands=tuple(
+                Band(_obj(b)["name"], _obj(b)["price_milli_per_kwh"]) for b in _list(data["bands"])
+            ),
+            weekday=weekday,
+            weekend=_sched(data["weekend"]) if "weekend" in data else weekday,
+            holiday=_sched(data["holiday"]) if "holiday" in data else weekday,
+            standing_charge_milli_per_day=data.get("standing_charge_milli_per_day", 0),
+            holidays=tuple(dt.date.fromisoformat(d) for d in _list(data.get("holidays", []))),
+            blocks=tuple(Block(*_pair(b)) for b in _list(data.get("blocks", []))),
+        )
+    except TariffError:
+        raise
+    except (KeyError, TypeError, ValueError, UnitError) as exc:
+        raise TariffError(f"malformed tariff: {exc}") from exc
+
+
+def _list(value: object) -> list[Any]:
+    if not isinstance(value, list):
+        raise TariffError(f"expected a JSON array, got {type(value).__name__}")
+    return value
+
+
+def _obj(value: object) -> dict[str, Any]:
+    if not isinstance(value, dict) or set(value) != {"name", "price_milli_per_kwh"}:
+        raise TariffError("a band is an object with exactly name and price_milli_per_kwh")
+    return value
+
+
+def _pair(value: object) -> tuple[Any, Any]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise TariffError("expected a [int, int] pair")
+    return value[0], value[1]
+
+
+def _sched(value: object) -> tuple[Switch, ...]:
+    return tuple(Switch(*_pair(s)) for s in _list(value))
