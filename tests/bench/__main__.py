@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = ("protocol",)
+BENCHES = ("protocol", "meter_sim")
 
 
 def main(argv: list[str]) -> int:
