@@ -1,0 +1,1 @@
+"""Adapters: SQLAlchemy repositories, MQTT, payment providers (the backend's I/O edges)."""

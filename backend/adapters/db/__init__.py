@@ -1,0 +1,1 @@
+"""SQLAlchemy 2 async persistence: engine, declarative base, tables, repositories, migrations."""

@@ -1,0 +1,1 @@
+"""Alembic environment of the backend schema (run via ``backend.adapters.db.migrate``)."""
