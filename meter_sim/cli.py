@@ -13,6 +13,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import os
 import re
 import signal
 import sys
@@ -722,8 +723,10 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     seed_path = Path(f"{args.out}.seed")
     pub_path = Path(f"{args.out}.pub")
     try:
-        with seed_path.open("x", encoding="ascii") as f:
-            seed_path.chmod(0o600)
+        # Created 0600 in one step (O_EXCL: never over an existing file, no window in
+        # which another user could open it).
+        fd = os.open(seed_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as f:
             f.write(seed.hex() + "\n")
         pub_path.write_text(f"{args.key_id} {messages.public_key_bytes(key.public_key()).hex()}\n")
     except OSError as exc:

@@ -1,0 +1,1 @@
+"""Unit tests of signing-key management (backend.keys)."""
