@@ -9,11 +9,13 @@ BackendError                         root: anything the backend refuses or fails
 │   ├── LedgerMismatchError          transfer and account currencies differ
 │   ├── LimitExceededError           the debit would take an account below its min_balance
 │   └── IdempotencyConflictError     an id already used with different content
+├── PaymentError                     payments (backend/payments/errors.py draws its subtree)
+├── KeyStoreError                    signing keys (backend/keys/errors.py draws its subtree)
 └── StorageError                     the database failed or was used wrongly (our fault)
     └── WriteTransactionRequiredError  a ledger write outside ``Database.write()``
 
 Lower layers' exceptions (SQLAlchemy, asyncpg, sqlite3) are translated at the adapter
-boundary with ``raise … from exc``. The HTTP API (issue 6) maps this tree to status codes
+boundary with ``raise … from exc``. The HTTP API maps this tree to status codes
 in one middleware: ``LedgerError`` subclasses are the caller's fault (4xx: 404 for
 ``AccountNotFoundError``, 409 for ``IdempotencyConflictError``, 422 for the rest),
 ``StorageError`` is ours (5xx). Later subsystems (payments, tokens, ingest) add their
