@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHES = ("protocol", "meter_sim")
+BENCHES = ("protocol", "meter_sim", "gateway")
 
 
 def main(argv: list[str]) -> int:

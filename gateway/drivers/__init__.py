@@ -1,0 +1,1 @@
+"""Meter drivers: one interface (``base.MeterDriver``), one module per wire protocol."""
