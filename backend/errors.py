@@ -9,6 +9,8 @@ BackendError                         root: anything the backend refuses or fails
 │   ├── LedgerMismatchError          transfer and account currencies differ
 │   ├── LimitExceededError           the debit would take an account below its min_balance
 │   └── IdempotencyConflictError     an id already used with different content
+├── IngestError                      consumption ingest (backend/domain/consumption.py)
+├── SplitError                       revenue split rules (backend/domain/split.py)
 ├── PaymentError                     payments (backend/payments/errors.py draws its subtree)
 ├── KeyStoreError                    signing keys (backend/keys/errors.py draws its subtree)
 └── StorageError                     the database failed or was used wrongly (our fault)
