@@ -1,11 +1,11 @@
-"""Run benchmarks: ``python -m tests.bench [protocol|meter_sim|all]`` (results: bench/results)."""
+"""Run benchmarks: ``python -m tests.bench [protocol|meter_sim|gateway|all]`` (-> results/)."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-BENCHES = ("protocol", "meter_sim", "gateway")
+BENCHES = ("protocol", "meter_sim", "gateway", "topups")
 
 
 def main(argv: list[str]) -> int:

@@ -8,11 +8,9 @@ concurrent writers to one account (no lost update; the second writer waits for t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ from hypothesis.stateful import (
 from sqlalchemy import Column, Integer, MetaData, Table, inspect, text, update
 from sqlalchemy import event as sa_event
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection, Dialect, make_url
+from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.exc import IntegrityError
 
 from backend.adapters.db.base import UTCDateTime
@@ -64,11 +62,11 @@ from backend.errors import (
     StorageError,
     WriteTransactionRequiredError,
 )
+from tests.support.db import BACKENDS, Target, TargetFactory, target_factory
 
 pytestmark = pytest.mark.integration
 
 T0 = datetime(2026, 11, 1, 12, 0, 0, 123456, tzinfo=UTC)
-BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 
 CLEARING = AccountSpec(id=1, currency="EUR", code=AccountCode.CLEARING, min_balance=None)
 PREPAID = AccountSpec(id=2, currency="EUR", code=AccountCode.PREPAID, min_balance=-500)
@@ -76,51 +74,9 @@ PARTNER = AccountSpec(id=3, currency="EUR", code=AccountCode.PARTNER, min_balanc
 KES_PREPAID = AccountSpec(id=4, currency="KES", code=AccountCode.PREPAID, min_balance=0)
 
 
-@dataclass(frozen=True)
-class Target:
-    """Where a test's database lives: a URL and the engine arguments it needs."""
-
-    url: str
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def database(self) -> Database:
-        return Database(self.url, **self.engine_kwargs)
-
-
-TargetFactory = Callable[[], contextlib.AbstractAsyncContextManager[Target]]
-
-
 def _factory(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> TargetFactory:
-    """Makes fresh, empty databases of one kind: a new SQLite file or a new PostgreSQL schema."""
-    if kind == "sqlite":
-
-        @contextlib.asynccontextmanager
-        async def new_sqlite_file() -> AsyncIterator[Target]:
-            yield Target(f"sqlite+aiosqlite:///{tmp_path / f'ledger-{uuid.uuid4().hex}.db'}")
-
-        return new_sqlite_file
-
-    dsn: str = request.getfixturevalue("postgres_dsn")
-    url = make_url(dsn).set(drivername="postgresql+asyncpg")
-
-    @contextlib.asynccontextmanager
-    async def new_postgres_schema() -> AsyncIterator[Target]:
-        import asyncpg
-
-        # A schema of our own, found first on the search_path, keeps concurrent suites apart.
-        schema = f"ledger_test_{uuid.uuid4().hex}"
-        admin = await asyncpg.connect(dsn)
-        try:
-            await admin.execute(f'CREATE SCHEMA "{schema}"')
-            yield Target(
-                url.render_as_string(hide_password=False),
-                {"connect_args": {"server_settings": {"search_path": schema}}},
-            )
-        finally:
-            await admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-            await admin.close()
-
-    return new_postgres_schema
+    """Makes fresh, empty databases of one kind (see tests/support/db.py)."""
+    return target_factory(kind, tmp_path, request)
 
 
 @pytest.fixture(params=BACKENDS)

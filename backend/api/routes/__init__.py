@@ -1,0 +1,1 @@
+"""Route modules of the HTTP API; each holds one ``routes`` table (see :mod:`backend.api`)."""

@@ -1,0 +1,168 @@
+"""The top-up path assembled for one backend process: provider, services, MQTT link, dispatcher.
+
+:func:`topup_runtime` opens, in order, the sandbox payment provider (with its webhook
+deliverer in ``webhook`` mode), the MQTT link and the background tasks — the dispatcher's
+publish and result loops and the reconciliation poll — and closes them in reverse. The
+HTTP application (``backend.api.routes.topups``) enters it in its ``cleanup_ctx``; any
+other process that needs top-ups can do the same.
+
+Sandbox modes:
+
+- ``webhook`` (default, like production): ``create_payment`` answers ``pending``; the
+  payment completes a moment later and the sandbox POSTs a signed webhook to
+  ``sandbox_webhook_url`` (this backend's ``/v1/webhooks/sandbox``), which settles it.
+- ``instant``: the payment completes inside the top-up request, which settles it at once
+  (benchmarks, crash tests, demos without a reachable webhook URL).
+
+The sandbox's signing secret is random per process unless configured: the sandbox and
+the endpoint verifying its webhooks live in the same process, and a restart forgets the
+sandbox's payments anyway (they stay ``PENDING``; reconciliation logs them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import aiohttp
+
+from backend.adapters.db.engine import Database
+from backend.adapters.instant_sandbox import InstantSandbox
+from backend.adapters.mqtt import BackendLink, MqttSettings
+from backend.errors import BackendError
+from backend.payments.base import PaymentProvider
+from backend.payments.sandbox import SandboxProvider
+from backend.payments.webhooks import WebhookDeliverer
+from backend.service.accounts import AccountService
+from backend.service.context import utc_now
+from backend.service.dispatcher import Dispatcher, DispatcherSettings, result_subscription
+from backend.service.topups import SignerSource, TopupService
+
+log = logging.getLogger(__name__)
+
+
+class SandboxMode(enum.StrEnum):
+    """How the sandbox provider completes payments (module docstring)."""
+
+    WEBHOOK = "webhook"
+    INSTANT = "instant"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TopupSettings:
+    """Everything the top-up path of one process needs, built once at start-up."""
+
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
+    sandbox_mode: SandboxMode = SandboxMode.WEBHOOK
+    #: Where the sandbox POSTs its webhooks (``webhook`` mode only).
+    sandbox_webhook_url: str | None = None
+    #: HMAC secret of sandbox webhooks; ``None``: random for this process.
+    sandbox_secret: bytes | None = None
+    sandbox_completion_delay_s: float = 0.2
+    dispatcher: DispatcherSettings = field(default_factory=DispatcherSettings)
+    #: Run the MQTT link and the dispatcher (off: an API-only process).
+    dispatch: bool = True
+    #: How often to ask the provider about payments waiting longer than ``reconcile_after_s``.
+    reconcile_every_s: float = 30.0
+    reconcile_after_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.sandbox_mode is SandboxMode.WEBHOOK and not self.sandbox_webhook_url:
+            raise ValueError("the sandbox in webhook mode needs sandbox_webhook_url")
+
+
+@dataclass(frozen=True, slots=True)
+class TopupRuntime:
+    """The running top-up path of a process."""
+
+    topups: TopupService
+    accounts: AccountService
+    sandbox: SandboxProvider
+    dispatcher: Dispatcher | None
+    link: BackendLink | None
+
+
+@contextlib.asynccontextmanager
+async def topup_runtime(
+    db: Database,
+    signers: SignerSource,
+    settings: TopupSettings,
+    *,
+    clock: Callable[[], datetime] = utc_now,
+) -> AsyncIterator[TopupRuntime]:
+    """Open the top-up path on ``db`` with keys from ``signers``; close it on exit."""
+    tasks: set[asyncio.Task[None]] = set()
+    async with contextlib.AsyncExitStack() as stack:
+        secret = settings.sandbox_secret or secrets.token_bytes(32)
+        provider: PaymentProvider
+        if settings.sandbox_mode is SandboxMode.WEBHOOK:
+            session = await stack.enter_async_context(aiohttp.ClientSession())
+            deliverer = await stack.enter_async_context(
+                WebhookDeliverer(session, base_delay_s=0.5, max_delay_s=30.0, clock=clock)
+            )
+            sandbox = SandboxProvider(
+                secret=secret,
+                webhook_url=settings.sandbox_webhook_url,
+                deliverer=deliverer,
+                clock=clock,
+                completion_delay_s=settings.sandbox_completion_delay_s,
+            )
+            provider = sandbox
+        else:
+            sandbox = SandboxProvider(secret=secret, clock=clock)
+            provider = InstantSandbox(sandbox)
+        await stack.enter_async_context(sandbox)
+        dispatcher: Dispatcher | None = None
+        link: BackendLink | None = None
+        if settings.dispatch:
+            link = BackendLink(
+                settings.mqtt,
+                subscriptions=[result_subscription(shared=settings.mqtt.shared_subscriptions)],
+            )
+            dispatcher = Dispatcher(db, link, settings=settings.dispatcher, clock=clock)
+            await stack.enter_async_context(link)
+        topups = TopupService(
+            db,
+            providers={provider.name: provider},
+            default_provider=provider.name,
+            signers=signers,
+            clock=clock,
+            on_token_issued=None if dispatcher is None else dispatcher.wake,
+        )
+        loop = asyncio.get_running_loop()
+        if dispatcher is not None and link is not None:
+            tasks.add(loop.create_task(dispatcher.run(link), name="token-dispatcher"))
+        tasks.add(loop.create_task(_reconcile_forever(topups, settings), name="reconcile"))
+        for task in tasks:
+            task.add_done_callback(_report_crash)
+        try:
+            yield TopupRuntime(topups, AccountService(db), sandbox, dispatcher, link)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _report_crash(task: asyncio.Task[None]) -> None:
+    # The loops catch what they expect; anything else is a bug to shout about at once
+    # (the process keeps serving the API, but tokens stop flowing until it restarts).
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("task %s died", task.get_name(), exc_info=task.exception())
+
+
+async def _reconcile_forever(topups: TopupService, settings: TopupSettings) -> None:
+    while True:
+        await asyncio.sleep(settings.reconcile_every_s)
+        try:
+            settled = await topups.reconcile(older_than_s=settings.reconcile_after_s)
+        except BackendError:
+            log.exception("reconciliation failed; trying again later")
+        else:
+            if settled:
+                log.info("reconciliation settled %d payment(s)", settled)
