@@ -5,17 +5,27 @@ A key is born NEXT (the first one ACTIVE), is distributed to every meter, become
 and is finally RETIRED and revoked from the meters. Keys live in a directory (mode 0700)
 of 0600 seed files; the store refuses a directory or seed that others could read.
 
-Rotation by hand (SPEC.md §2.4): ``generate`` a NEXT key, ``plan-rotation`` (step 1: ADD,
-signed by the ACTIVE key) and deliver each meter its message; once every meter applied
-it, ``activate`` the new key (step 2); then ``plan-rotation`` again (step 3: REVOKE the
-old key, signed by the new one) with fresh message ids. The database-driven rotation
-(allocating message ids and queueing the messages in the token outbox) is a later
-backend command; it calls the same planner, ``backend.keys.rotation``.
+Rotation through the database (SPEC.md §2.4; ``rotate`` queues each meter's signed
+key-change message in the token outbox and the dispatcher delivers it):
+
+1. ``generate``: a NEXT key (copy the store to every backend host).
+2. ``rotate --step add``: every meter gets ADD(new key), signed by the ACTIVE key.
+3. Wait until every ADD token is APPLIED: ``rotate --step add`` again counts the
+   applied ones and says when all are (the ``tokens`` table, kind KEY_CHANGE).
+   It also fills in meters attached in the meantime (and ones whose ADD was rejected).
+4. ``activate NEW_ID``: the new key is ACTIVE, the old one RETIRED.
+5. Restart every backend: they load the key store at start-up and sign with the new key.
+6. ``rotate --step revoke``: every meter gets REVOKE(old key), signed by the new key.
+
+Running a step twice queues nothing twice: meters that already have a pending, sent or
+applied key change for that key are skipped. ``plan-rotation`` prints the same messages
+for a hand-run rotation without a database (you track message ids yourself).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import functools
 import json
@@ -26,10 +36,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from backend.adapters.db.engine import Database
+from backend.adapters.db.migrate import upgrade
+from backend.config import ConfigError, load_config
+from backend.errors import BackendError
 from backend.keys import rotation
 from backend.keys.errors import KeyStoreError
 from backend.keys.rotation import MeterSlot, RotationPlan, RotationStep
 from backend.keys.store import FileKeyStore, KeyState, utc_now
+from backend.service.key_rotation import RotationReport, queue_rotation_step
 from firmware_protocol.messages import U32_MAX
 
 ENV_DIR: Final = "VOLTCREDIT_KEY_DIR"
@@ -47,6 +65,14 @@ examples:
   voltcredit keys plan-rotation --meters meters.json    # step 3: REVOKE (fresh msg ids)
 
 meters.json: [{"meter_id": 1000001, "next_msg_id": 17}, ...]
+
+rotation through the database (the backend's --config gives database url and keys.dir):
+  voltcredit keys generate --dir /var/lib/voltcredit/keys              # NEXT key 2
+  voltcredit keys rotate --step add --config /etc/voltcredit/backend.toml
+  voltcredit keys rotate --step add --config ...   # again: shows what is not yet APPLIED
+  voltcredit keys activate 2 --dir /var/lib/voltcredit/keys
+  # restart every `voltcredit backend run` instance (they load the keys at start-up)
+  voltcredit keys rotate --step revoke --config /etc/voltcredit/backend.toml
 """
 
 
@@ -58,7 +84,7 @@ def register(subparsers: Any) -> None:
     """Add ``keys`` to the root ``voltcredit`` command (entry-point plugin)."""
     parser = subparsers.add_parser(
         "keys",
-        help="signing keys: generate, list, activate, show-public, plan-rotation",
+        help="signing keys: generate, list, activate, show-public, rotate, plan-rotation",
         description=textwrap.dedent(__doc__ or ""),
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -110,9 +136,9 @@ def register(subparsers: Any) -> None:
         "Step 1 (ADD the NEXT key, signed by the ACTIVE key) while a key is NEXT; step 3 "
         "(REVOKE the last retired key, signed by the ACTIVE key) after `activate`. Each "
         "meter's message uses its next_msg_id: mark that id used wherever you track it. "
-        "This is the hand-run form; the database-driven rotation (a later backend command "
-        "that allocates ids and queues messages in the token outbox) calls the same "
-        "planner, backend.keys.rotation.",
+        "This is the hand-run form; `rotate` is the database-driven one (it allocates the "
+        "ids and queues the messages in the token outbox) and calls the same planner, "
+        "backend.keys.rotation.",
     )
     p.add_argument(
         "--meters",
@@ -138,6 +164,44 @@ def register(subparsers: Any) -> None:
         help="messages expire after this many days (default %(default)s)",
     )
     p.set_defaults(func=cmd_plan_rotation)
+
+    p = sub.add_parser(
+        "rotate",
+        help="queue one rotation step's key-change message for every meter (database)",
+        description="Queue, in the backend's token outbox, the signed key-change message "
+        "of one rotation step for every meter of every tenant, under each meter's next "
+        "message id; the dispatcher delivers them. --step add: ADD the NEXT key, signed "
+        "by the ACTIVE key. --step revoke: REVOKE the last retired key, signed by the "
+        "ACTIVE (new) key. Meters that already have a pending, sent or applied message of "
+        "the step are skipped, so running a step again is safe and shows progress. "
+        "Procedure: generate; rotate --step add; wait until every ADD token is APPLIED "
+        "(rotate --step add again counts them and says when all are); activate NEW_ID; "
+        "restart the backends; rotate --step revoke. The database is migrated to the "
+        "code's schema first, as `voltcredit backend run` does.",
+    )
+    p.add_argument("--step", choices=("add", "revoke"), required=True)
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the backend's TOML configuration (database url, keys.dir); "
+        "else $VOLTCREDIT_CONFIG and VOLTCREDIT_* variables",
+    )
+    p.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="key store directory (default: the configuration's keys.dir)",
+    )
+    p.add_argument(
+        "--validity-days",
+        type=_days,
+        default=rotation.DEFAULT_VALIDITY.days,
+        metavar="DAYS",
+        help="messages expire after this many days (default %(default)s)",
+    )
+    p.set_defaults(func=cmd_rotate)
 
 
 # --------------------------------------------------------------------------- commands
@@ -166,7 +230,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"generated key {info.key_id} ({info.state.value}) in {store.directory}")
     if info.state is KeyState.NEXT:
         print(
-            f"next: deliver it to every meter (`{PROG} plan-rotation --meters FILE`), "
+            f"next: deliver it to every meter (`{PROG} rotate --step add`), "
             f"then `{PROG} activate {info.key_id}`"
         )
 
@@ -196,8 +260,8 @@ def cmd_activate(args: argparse.Namespace) -> None:
     print(f"key {info.key_id} is ACTIVE: every new message is signed with it")
     for key_id in previous:
         print(
-            f"key {key_id} is RETIRED; step 3: `{PROG} plan-rotation --meters FILE` "
-            "revokes it from the meters"
+            f"key {key_id} is RETIRED; restart the backends, then step 3: "
+            f"`{PROG} rotate --step revoke` revokes it from the meters"
         )
 
 
@@ -233,7 +297,61 @@ def cmd_plan_rotation(args: argparse.Namespace) -> None:
     _print_plan(plan)
 
 
+@_command
+def cmd_rotate(args: argparse.Namespace) -> None:
+    """``keys rotate --step add|revoke``: queue one step for every meter in the database."""
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        raise CliError(str(exc)) from exc
+    url = make_url(config.database_url)
+    if url.get_backend_name() == "sqlite" and not Path(url.database or "").is_file():
+        # A rotation has no business creating an empty database: the URL is wrong.
+        raise CliError(
+            f"no SQLite database at {url.database!r} ({config.source}: database.url); "
+            "rotate the meters of the backend's own database"
+        )
+    store = FileKeyStore(args.dir if args.dir is not None else config.key_dir)
+    validity = dt.timedelta(days=args.validity_days)
+
+    async def run() -> RotationReport:
+        await upgrade(config.database_url)
+        async with Database(config.database_url) as db:
+            return await queue_rotation_step(
+                db, store, step=args.step, now=utc_now(), validity=validity
+            )
+
+    try:
+        report = asyncio.run(run())
+    except (BackendError, SQLAlchemyError, OSError) as exc:
+        # KeyStoreError is a BackendError too, but _command prints it the same way.
+        raise CliError(str(exc)) from exc
+    _print_report(report)
+
+
 # --------------------------------------------------------------------------- helpers
+
+
+def _print_report(report: RotationReport) -> None:
+    verb = "ADD" if report.step is RotationStep.ADD else "REVOKE"
+    print(
+        f"key rotation {verb} of key {report.target_key_id}, signed by key "
+        f"{report.signing_key_id}: queued {len(report.queued)} message(s), "
+        f"{len(report.already_queued)} meter(s) already had one, {report.meters} meter(s) in all; "
+        f"{len(report.applied)} applied"
+    )
+    if report.queued:
+        print(f"valid from {_unix(report.issued_at)} until {_unix(report.expires_at)}")
+    for meter_id, msg_id in report.queued:
+        print(f"  meter {meter_id} msg_id {msg_id}")
+    if report.complete:
+        print(f"every meter has applied the {verb} of key {report.target_key_id}")
+    if report.step is RotationStep.ADD:
+        print(
+            "next: once every ADD is applied (run this again to count), "
+            f"`{PROG} activate {report.target_key_id}`, restart the backends, "
+            f"then `{PROG} rotate --step revoke`"
+        )
 
 
 def read_meters(path: Path) -> list[MeterSlot]:
