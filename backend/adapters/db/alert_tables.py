@@ -30,6 +30,18 @@ class AlertKind(enum.StrEnum):
     PAYMENT_MISMATCH = "PAYMENT_MISMATCH"  #: provider reported another amount or currency
     NO_METER = "NO_METER"  #: a top-up settled for an account without a meter: no token
     SETTLEMENT_REFUSED = "SETTLEMENT_REFUSED"  #: split rules or a ledger limit refused it
+    # Consumption ingest (issue 6), raised in the ingest unit of work.
+    READING_QUARANTINED = "READING_QUARANTINED"  #: a reading was not billed (jump, reset, …)
+    UNRATED_ENERGY = "UNRATED_ENERGY"  #: energy across a tariff change left for manual settlement
+    UNKNOWN_METER = "UNKNOWN_METER"  #: a gateway reported a meter not provisioned on it
+    NO_SPLIT_RULES = "NO_SPLIT_RULES"  #: consumption rated but the tariff has no CONSUMPTION rules
+    DEBT_LIMIT_REACHED = "DEBT_LIMIT_REACHED"  #: consumption held back: prepaid at its debt limit
+    RECONCILIATION = "RECONCILIATION"  #: meter credit differs from the ledger's expectation
+    # Scheduled checks.
+    LOW_CREDIT = "LOW_CREDIT"  #: credit fell below the account's low-credit threshold
+    OUT_OF_CREDIT = "OUT_OF_CREDIT"  #: credit at or below zero
+    METER_STALE = "METER_STALE"  #: no reading from a meter for too long
+    GATEWAY_OFFLINE = "GATEWAY_OFFLINE"  #: a gateway's state is offline or silent for too long
 
 
 class AlertRow(Base):
