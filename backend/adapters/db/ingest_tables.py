@@ -80,6 +80,9 @@ class MeterIngestRow(Base):
     last_power_w: Mapped[int | None] = mapped_column(BigInteger)
     last_import_wh: Mapped[int | None] = mapped_column(BigInteger)
     last_token_id: Mapped[int | None] = mapped_column(BigInteger)
+    #: The reason of the last quarantined reading while the meter is in quarantine
+    #: (one alert per episode); cleared by the next billed reading.
+    quarantine: Mapped[str | None] = mapped_column(String(32))
     #: Meter credit minus the ledger's expectation at the newest billed reading (milli).
     reconcile_diff_milli: Mapped[int | None] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)

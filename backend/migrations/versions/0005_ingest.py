@@ -94,6 +94,7 @@ def upgrade() -> None:
         sa.Column("last_power_w", sa.BigInteger(), nullable=True),
         sa.Column("last_import_wh", sa.BigInteger(), nullable=True),
         sa.Column("last_token_id", sa.BigInteger(), nullable=True),
+        sa.Column("quarantine", sa.String(length=32), nullable=True),
         sa.Column("reconcile_diff_milli", sa.BigInteger(), nullable=True),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
