@@ -47,6 +47,11 @@ class BackendConfig:
     max_body_bytes: int = 64 * 1024
     key_dir: Path = Path("var/keys")
     mqtt_url: str = "mqtt://127.0.0.1:1883"
+    #: The MQTT client id (persistent session): unique per backend instance.
+    mqtt_client_id: str = "voltcredit-backend"
+    #: Consume readings and token results through ``$share/…`` groups (Mosquitto, EMQX;
+    #: not the embedded amqtt broker), so several instances split them.
+    mqtt_shared_subscriptions: bool = False
     #: HMAC key of customer bearer tokens; ``None``: a random one per process (tokens then
     #: die with the process and are not accepted by other instances).
     token_secret: bytes | None = None
@@ -55,6 +60,12 @@ class BackendConfig:
     tariff_message_ttl_s: int = 30 * 86400
     #: A ``vck_…`` key made PLATFORM_ADMIN at start-up if it is not stored yet.
     bootstrap_admin_key: str | None = None
+    #: Scheduled alert checks: seconds between rounds, and when a meter is stale and a
+    #: gateway offline (3 polls of 5 minutes); attempts per webhook notification.
+    alert_check_every_s: int = 60
+    meter_stale_after_s: int = 900
+    gateway_offline_after_s: int = 900
+    webhook_max_attempts: int = 8
 
 
 # ------------------------------------------------------------------------- the key table
@@ -105,6 +116,22 @@ def _mqtt_url(value: object) -> str:
     except ValueError:
         raise ValueError(f"bad port in {url!r}") from None
     return url
+
+
+def _boolean(value: object) -> bool:
+    # TOML booleans; in the environment the words true/false (any case) or 1/0.
+    if type(value) is bool:
+        return value
+    if isinstance(value, str) and value.strip().lower() in {"true", "1", "false", "0"}:
+        return value.strip().lower() in {"true", "1"}
+    raise ValueError(f"must be true or false, got {value!r}")
+
+
+def _client_id(value: object) -> str:
+    text = _string(value)
+    if len(text) > 64 or not text.isascii() or not text.isprintable() or "/" in text:
+        raise ValueError(f"must be 1..64 printable ASCII characters without '/', got {value!r}")
+    return text
 
 
 def _secret(value: object) -> bytes:
@@ -170,6 +197,22 @@ KEYS: Final = (
     ),
     Key("mqtt", "url", "VOLTCREDIT_MQTT_URL", "mqtt_url", _mqtt_url, "broker, mqtt:// or mqtts://"),
     Key(
+        "mqtt",
+        "client_id",
+        "VOLTCREDIT_MQTT_CLIENT_ID",
+        "mqtt_client_id",
+        _client_id,
+        "MQTT client id; unique per backend instance (default voltcredit-backend)",
+    ),
+    Key(
+        "mqtt",
+        "shared_subscriptions",
+        "VOLTCREDIT_MQTT_SHARED_SUBSCRIPTIONS",
+        "mqtt_shared_subscriptions",
+        _boolean,
+        "consume through $share groups so instances split the load (not on amqtt)",
+    ),
+    Key(
         "auth",
         "token_secret",
         "VOLTCREDIT_TOKEN_SECRET",
@@ -200,6 +243,38 @@ KEYS: Final = (
         "tariff_message_ttl_s",
         _integer(3600, 366 * 86400),
         "validity of signed tariff messages (default 30 days)",
+    ),
+    Key(
+        "alerts",
+        "check_every_s",
+        "VOLTCREDIT_ALERT_CHECK_EVERY_S",
+        "alert_check_every_s",
+        _integer(1, 86400),
+        "seconds between rounds of alert checks (default 60)",
+    ),
+    Key(
+        "alerts",
+        "meter_stale_s",
+        "VOLTCREDIT_METER_STALE_S",
+        "meter_stale_after_s",
+        _integer(60, 30 * 86400),
+        "no reading for this long raises METER_STALE (default 900)",
+    ),
+    Key(
+        "alerts",
+        "gateway_offline_s",
+        "VOLTCREDIT_GATEWAY_OFFLINE_S",
+        "gateway_offline_after_s",
+        _integer(60, 30 * 86400),
+        "offline or silent this long raises GATEWAY_OFFLINE (default 900)",
+    ),
+    Key(
+        "alerts",
+        "webhook_max_attempts",
+        "VOLTCREDIT_WEBHOOK_MAX_ATTEMPTS",
+        "webhook_max_attempts",
+        _integer(1, 50),
+        "attempts per alert notification before it is given up (default 8)",
     ),
 )
 

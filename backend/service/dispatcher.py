@@ -39,7 +39,7 @@ from backend.adapters.db.alert_tables import AlertKind
 from backend.adapters.db.engine import Database
 from backend.adapters.db.token_repo import TokenRepository
 from backend.adapters.db.topup_repo import TopupRepository
-from backend.adapters.mqtt import BackendLink
+from backend.adapters.mqtt import BackendLink, Incoming
 from backend.domain.topups import UNCONFIRMED, TokenState, retry_delay_s, token_step
 from backend.errors import BackendError
 from backend.service.context import utc_now
@@ -115,6 +115,9 @@ class Dispatcher:
         self._clock = clock
         self._uniform = uniform
         self._wake = asyncio.Event()
+        #: Called with the supply account id after an applied token result committed (the
+        #: live hub's ``poke``, so the customer's open event stream shows the new credit).
+        self.credit_listeners: list[Callable[[int], None]] = []
 
     def wake(self) -> None:
         """Look for due tokens now (a top-up just put one in the outbox)."""
@@ -228,21 +231,28 @@ class Dispatcher:
                     # an older report never overwrites a newer one.
                     meter.last_credit_milli = result.credit_after_milli
                     meter.last_reading_at = reported_at
-                return ResultOutcome.APPLIED
-            TopupRepository(session).add_alert(
-                tenant_id=token.tenant_id,
-                kind=AlertKind.TOKEN_REJECTED,
-                at=now,
-                meter_id=token.meter_id,
-                token_id=token.id,
-                payment_id=token.payment_id,
-                detail={
-                    "msg_id": token.msg_id,
-                    "status": result.status.name,
-                    "gateway": parsed.gw,
-                    "amount_minor": token.amount_minor,
-                },
-            )
+                applied_to: int | None = meter.supply_account_id
+            else:
+                applied_to = None
+                TopupRepository(session).add_alert(
+                    tenant_id=token.tenant_id,
+                    kind=AlertKind.TOKEN_REJECTED,
+                    at=now,
+                    meter_id=token.meter_id,
+                    token_id=token.id,
+                    payment_id=token.payment_id,
+                    detail={
+                        "msg_id": token.msg_id,
+                        "status": result.status.name,
+                        "gateway": parsed.gw,
+                        "amount_minor": token.amount_minor,
+                    },
+                )
+        if applied_to is not None:
+            # After the commit, so a listener reading the account sees the new credit.
+            for listener in self.credit_listeners:
+                listener(applied_to)
+            return ResultOutcome.APPLIED
         log.error(
             "token %d of meter %d rejected: %s", result.token_id, result.meter, result.status.name
         )
@@ -250,11 +260,16 @@ class Dispatcher:
 
     # --- tasks ----------------------------------------------------------------------------
 
-    async def run(self, link: BackendLink) -> None:
-        """Publish and consume until cancelled (two named tasks in a TaskGroup)."""
+    async def run(self, link: BackendLink, results: asyncio.Queue[Incoming] | None = None) -> None:
+        """Publish and consume until cancelled (two named tasks in a TaskGroup).
+
+        Token results are read from ``results`` when a router shares the link with other
+        consumers (ingest), else from the link's own queue.
+        """
+        queue = link.messages if results is None else results
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._publish_loop(link), name="dispatcher-publish")
-            tasks.create_task(self._results_loop(link), name="dispatcher-results")
+            tasks.create_task(self._results_loop(link, queue), name="dispatcher-results")
 
     async def _publish_loop(self, link: BackendLink) -> None:
         while True:
@@ -271,9 +286,9 @@ class Dispatcher:
                 async with asyncio.timeout(self._settings.poll_s):
                     await self._wake.wait()
 
-    async def _results_loop(self, link: BackendLink) -> None:
+    async def _results_loop(self, link: BackendLink, queue: asyncio.Queue[Incoming]) -> None:
         while True:
-            message = await link.messages.get()
+            message = await queue.get()
             try:
                 await self.handle_result(message.topic, message.payload)
             except ProtocolError as exc:

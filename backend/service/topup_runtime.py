@@ -1,4 +1,4 @@
-"""The top-up path assembled for one backend process: provider, services, MQTT link, dispatcher.
+"""The MQTT-facing runtime of one backend process: payments, MQTT link, dispatcher, ingest.
 
 :func:`topup_runtime` opens, in order, the sandbox payment provider (with its webhook
 deliverer in ``webhook`` mode), the MQTT link and the background tasks — the dispatcher's
@@ -26,7 +26,7 @@ import contextlib
 import enum
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -42,6 +42,14 @@ from backend.payments.webhooks import WebhookDeliverer
 from backend.service.accounts import AccountService
 from backend.service.context import utc_now
 from backend.service.dispatcher import Dispatcher, DispatcherSettings, result_subscription
+from backend.service.ingest import IngestService, LiveUpdate
+from backend.service.ingest_runtime import (
+    DEFAULT_MAX_MESSAGES,
+    IngestConsumer,
+    MessageRouter,
+    Routes,
+    ingest_subscriptions,
+)
 from backend.service.topups import SignerSource, TopupService
 
 log = logging.getLogger(__name__)
@@ -68,6 +76,10 @@ class TopupSettings:
     dispatcher: DispatcherSettings = field(default_factory=DispatcherSettings)
     #: Run the MQTT link and the dispatcher (off: an API-only process).
     dispatch: bool = True
+    #: Also consume readings and gateway states (consumption ingest); needs ``dispatch``.
+    ingest: bool = True
+    #: Most readings messages per ingest unit of work.
+    ingest_max_messages: int = DEFAULT_MAX_MESSAGES
     #: How often to ask the provider about payments waiting longer than ``reconcile_after_s``.
     reconcile_every_s: float = 30.0
     reconcile_after_s: float = 60.0
@@ -86,6 +98,7 @@ class TopupRuntime:
     sandbox: SandboxProvider
     dispatcher: Dispatcher | None
     link: BackendLink | None
+    ingest: IngestConsumer | None = None
 
 
 @contextlib.asynccontextmanager
@@ -95,8 +108,12 @@ async def topup_runtime(
     settings: TopupSettings,
     *,
     clock: Callable[[], datetime] = utc_now,
+    on_live: Callable[[Sequence[LiveUpdate]], None] | None = None,
 ) -> AsyncIterator[TopupRuntime]:
-    """Open the top-up path on ``db`` with keys from ``signers``; close it on exit."""
+    """Open the top-up path (and ingest) on ``db`` with keys from ``signers``; close on exit.
+
+    ``on_live`` receives the newest live values of meters after each ingest commit.
+    """
     tasks: set[asyncio.Task[None]] = set()
     async with contextlib.AsyncExitStack() as stack:
         secret = settings.sandbox_secret or secrets.token_bytes(32)
@@ -120,12 +137,25 @@ async def topup_runtime(
         await stack.enter_async_context(sandbox)
         dispatcher: Dispatcher | None = None
         link: BackendLink | None = None
+        consumer: IngestConsumer | None = None
+        routes: Routes | None = None
         if settings.dispatch:
-            link = BackendLink(
-                settings.mqtt,
-                subscriptions=[result_subscription(shared=settings.mqtt.shared_subscriptions)],
-            )
+            shared = settings.mqtt.shared_subscriptions
+            subscriptions = [result_subscription(shared=shared)]
+            if settings.ingest:
+                subscriptions += ingest_subscriptions(shared=shared)
+            link = BackendLink(settings.mqtt, subscriptions=subscriptions)
             dispatcher = Dispatcher(db, link, settings=settings.dispatcher, clock=clock)
+            if settings.ingest:
+                routes = Routes(results=asyncio.Queue(), readings=asyncio.Queue())
+                consumer = IngestConsumer(
+                    IngestService(db, clock=clock),
+                    link,
+                    routes.readings,
+                    clock=clock,
+                    on_live=on_live,
+                    max_messages=settings.ingest_max_messages,
+                )
             await stack.enter_async_context(link)
         topups = TopupService(
             db,
@@ -137,12 +167,16 @@ async def topup_runtime(
         )
         loop = asyncio.get_running_loop()
         if dispatcher is not None and link is not None:
-            tasks.add(loop.create_task(dispatcher.run(link), name="token-dispatcher"))
+            results = None if routes is None else routes.results
+            tasks.add(loop.create_task(dispatcher.run(link, results), name="token-dispatcher"))
+        if consumer is not None and link is not None and routes is not None:
+            tasks.add(loop.create_task(MessageRouter(link, routes).run(), name="mqtt-router"))
+            tasks.add(loop.create_task(consumer.run(), name="ingest"))
         tasks.add(loop.create_task(_reconcile_forever(topups, settings), name="reconcile"))
         for task in tasks:
             task.add_done_callback(_report_crash)
         try:
-            yield TopupRuntime(topups, AccountService(db), sandbox, dispatcher, link)
+            yield TopupRuntime(topups, AccountService(db), sandbox, dispatcher, link, consumer)
         finally:
             for task in tasks:
                 task.cancel()

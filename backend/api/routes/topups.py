@@ -201,9 +201,8 @@ async def payment_webhook(request: web.Request) -> web.Response:
 def settings_from_config(config: BackendConfig) -> TopupSettings:
     """The top-up settings of a backend configuration.
 
-    ``sandbox_mode``, ``mqtt_client_id`` and ``mqtt_shared_subscriptions`` are read when
-    the configuration has them (keys ``payments.sandbox_mode``, ``mqtt.client_id``,
-    ``mqtt.shared_subscriptions``), else they take their defaults.
+    ``sandbox_mode`` is read when the configuration has it, else it takes its default;
+    the MQTT client id and shared subscriptions come from ``[mqtt]``.
     """
     mode = SandboxMode(getattr(config, "sandbox_mode", SandboxMode.WEBHOOK.value))
     host = config.http_host if config.http_host not in ("0.0.0.0", "::") else "127.0.0.1"  # noqa: S104 - comparing, not binding
@@ -217,8 +216,8 @@ def settings_from_config(config: BackendConfig) -> TopupSettings:
     return TopupSettings(
         mqtt=mqtt_settings(
             config.mqtt_url,
-            client_id=getattr(config, "mqtt_client_id", "voltcredit-backend"),
-            shared=bool(getattr(config, "mqtt_shared_subscriptions", False)),
+            client_id=config.mqtt_client_id,
+            shared=config.mqtt_shared_subscriptions,
         ),
         sandbox_mode=mode,
         sandbox_webhook_url=webhook_url,
