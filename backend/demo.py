@@ -460,13 +460,56 @@ class _Provisioner:
             ("partner_tax", {"name": "Finanzamt Demo (VAT)", "kind": "TAX_AUTHORITY"}),
         ):
             await self._step(name, "/v1/partners", body)
-        # There is no split-rule endpoint yet: top-ups credit the whole amount (no split).
         activation = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
         await self._step(
             "tariff",
             "/v1/tariffs",
             {"code": TARIFF_CODE, "activation_at": activation, "tariff": TARIFF},
         )
+        # The tariff's split rules (after the tariff: a rule set needs a published code).
+        # Consumption: grid fee 9 ct/kWh (9_000 milli), VAT 19 % included = 1597 bp of the
+        # gross, the rest to the utility. Top-ups: 3 % commission to the reseller's partner
+        # (it applies to that reseller's customers only), the rest stays credit. A PUT
+        # replaces the whole set, so repeating a step is harmless; each is done once.
+        ids = {n: self.state[n]["id"] for n in ("partner_utility", "partner_grid", "partner_tax")}
+        for name, applies_to, rules in (
+            (
+                "split_consumption",
+                "CONSUMPTION",
+                [
+                    {"kind": "PER_KWH", "partner_id": ids["partner_grid"], "value": 9_000},
+                    {"kind": "BASIS_POINTS", "partner_id": ids["partner_tax"], "value": 1597},
+                    {"kind": "REMAINDER", "partner_id": ids["partner_utility"]},
+                ],
+            ),
+            (
+                "split_topup",
+                "TOPUP",
+                [
+                    {
+                        "kind": "BASIS_POINTS",
+                        "partner_id": self.state["partner_reseller"]["id"],
+                        "value": 300,
+                    },
+                    {"kind": "REMAINDER", "partner_id": ids["partner_utility"]},
+                ],
+            ),
+        ):
+            if name in self.state:
+                continue
+            path = f"/v1/tariffs/{TARIFF_CODE}/split-rules/{applies_to}"
+            headers = {"Authorization": f"Bearer {self.state['tenant_key']}"}
+            async with self.http.put(
+                f"{self.api}{path}", json={"rules": rules}, headers=headers
+            ) as response:
+                data = await response.json(content_type=None)
+                if response.status != 200:
+                    raise DemoError(
+                        f"PUT {path}: {response.status} {data.get('title')}: "
+                        f"{data.get('detail')} (delete {self.path.parent} to start afresh)"
+                    )
+            self.state[name] = data
+            self._save()
         await self._step("gateway", "/v1/gateways", {"id": GATEWAY_ID})
         customers = []
         for i in range(meters):
