@@ -52,6 +52,9 @@ class BackendConfig:
     #: Consume readings and token results through ``$share/…`` groups (Mosquitto, EMQX;
     #: not the embedded amqtt broker), so several instances split them.
     mqtt_shared_subscriptions: bool = False
+    #: Readings stamped more than this after they arrive are quarantined (meter clocks are
+    #: synced by gateways); the demo's accelerated meters need a large value.
+    ingest_max_clock_ahead_s: int = 900
     #: HMAC key of customer bearer tokens; ``None``: a random one per process (tokens then
     #: die with the process and are not accepted by other instances).
     token_secret: bytes | None = None
@@ -203,6 +206,14 @@ KEYS: Final = (
         "mqtt_client_id",
         _client_id,
         "MQTT client id; unique per backend instance (default voltcredit-backend)",
+    ),
+    Key(
+        "ingest",
+        "max_clock_ahead_s",
+        "VOLTCREDIT_INGEST_MAX_CLOCK_AHEAD_S",
+        "ingest_max_clock_ahead_s",
+        _integer(0, 2**32 - 1),
+        "readings stamped later than this after arrival are quarantined (default 900)",
     ),
     Key(
         "mqtt",

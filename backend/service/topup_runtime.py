@@ -35,6 +35,7 @@ import aiohttp
 from backend.adapters.db.engine import Database
 from backend.adapters.instant_sandbox import InstantSandbox
 from backend.adapters.mqtt import BackendLink, MqttSettings
+from backend.domain.consumption import DEFAULT_POLICY, IngestPolicy
 from backend.errors import BackendError
 from backend.payments.base import PaymentProvider
 from backend.payments.sandbox import SandboxProvider
@@ -80,6 +81,8 @@ class TopupSettings:
     ingest: bool = True
     #: Most readings messages per ingest unit of work.
     ingest_max_messages: int = DEFAULT_MAX_MESSAGES
+    #: Plausibility limits of ingest (clock tolerance, largest power).
+    ingest_policy: IngestPolicy = DEFAULT_POLICY
     #: How often to ask the provider about payments waiting longer than ``reconcile_after_s``.
     reconcile_every_s: float = 30.0
     reconcile_after_s: float = 60.0
@@ -149,7 +152,7 @@ async def topup_runtime(
             if settings.ingest:
                 routes = Routes(results=asyncio.Queue(), readings=asyncio.Queue())
                 consumer = IngestConsumer(
-                    IngestService(db, clock=clock),
+                    IngestService(db, clock=clock, policy=settings.ingest_policy),
                     link,
                     routes.readings,
                     clock=clock,

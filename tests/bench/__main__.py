@@ -1,11 +1,11 @@
-"""Run benchmarks: ``python -m tests.bench [protocol|meter_sim|gateway|all]`` (-> results/)."""
+"""Run benchmarks: ``python -m tests.bench [protocol|meter_sim|gateway|topups|ingest|all]``."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
-BENCHES = ("protocol", "meter_sim", "gateway", "topups")
+BENCHES = ("protocol", "meter_sim", "gateway", "topups", "ingest")
 
 
 def main(argv: list[str]) -> int:

@@ -32,6 +32,7 @@ from backend.api.context import (
 from backend.api.registry import ListOf, RouteTable
 from backend.config import BackendConfig
 from backend.domain.auth import Action
+from backend.domain.consumption import IngestPolicy
 from backend.domain.fields import MAX_INT64, Doc, Range, Text
 from backend.domain.topups import PaymentState
 from backend.service.accounts import AccountService, BalanceView, ReceiptView, TokenView
@@ -221,6 +222,7 @@ def settings_from_config(config: BackendConfig) -> TopupSettings:
         ),
         sandbox_mode=mode,
         sandbox_webhook_url=webhook_url,
+        ingest_policy=IngestPolicy(max_clock_ahead_s=config.ingest_max_clock_ahead_s),
     )
 
 
