@@ -298,14 +298,21 @@ def accrued(totals: SplitTotals, rules: Sequence[SplitRule]) -> tuple[Share, ...
     rules = check_rules(rules)
     if not isinstance(totals, SplitTotals):
         raise SplitError(f"totals must be SplitTotals, got {totals!r}")
-    exact = exact_shares(totals.amount_milli, totals.energy_wh, totals.days, totals.topups, rules)
+    return _shares(rules, _accrued(totals, rules))
+
+
+def _accrued(totals: SplitTotals, rules: tuple[SplitRule, ...]) -> list[int]:
+    """:func:`accrued` in milli per rule, for rules already checked."""
     out = [
-        0 if r.kind is RuleKind.REMAINDER else n // _DENOMINATOR
-        for r, n in zip(rules, exact, strict=True)
+        0
+        if r.kind is RuleKind.REMAINDER
+        else _numerator(r, totals.amount_milli, totals.energy_wh, totals.days, totals.topups)
+        // _DENOMINATOR
+        for r in rules
     ]
     rem = next(i for i, r in enumerate(rules) if r.kind is RuleKind.REMAINDER)
     out[rem] = totals.amount_milli - sum(out)
-    return _shares(rules, out)
+    return out
 
 
 def split_increment(
@@ -319,17 +326,12 @@ def split_increment(
     for name in ("amount_milli", "energy_wh", "days", "topups"):
         if getattr(after, name) < getattr(before, name):
             raise SplitError(f"running total {name} went backwards")
-    old = accrued(before, rules)
-    new = accrued(after, rules)
-    return tuple(
-        Share(
-            rule=n.rule,
-            partner=n.partner,
-            kind=n.kind,
-            amount_milli=n.amount_milli - o.amount_milli,
-        )
-        for o, n in zip(old, new, strict=True)
-    )
+    rules = check_rules(rules)
+    if not isinstance(before, SplitTotals) or not isinstance(after, SplitTotals):
+        raise SplitError("split_increment takes two SplitTotals")
+    old = _accrued(before, rules)
+    new = _accrued(after, rules)
+    return _shares(rules, [n - o for o, n in zip(old, new, strict=True)])
 
 
 def by_partner(shares: Iterable[Share]) -> dict[int, int]:
