@@ -52,6 +52,7 @@ ROUTE_MODULES: Final = (
     "backend.api.routes.network",
     "backend.api.routes.topups",
     "backend.api.routes.split_rules",
+    "backend.api.routes.consumption",
 )
 ROUTE_TABLES: Final = web.AppKey("route_tables", list)
 

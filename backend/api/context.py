@@ -28,6 +28,7 @@ from backend.domain.fields import MAX_INT64
 from backend.service.auth import AuthService
 from backend.service.context import MAX_LIMIT, Call, Clock, PageRequest
 from backend.service.errors import NotFoundError
+from backend.service.live import LiveHub
 from backend.service.provisioning import Provisioning, SignerSource
 from backend.service.refusals import MalformedRequestError
 
@@ -40,6 +41,8 @@ DATABASE: Final = web.AppKey("database", Database)
 KEY_STORE: Final = web.AppKey("key_store", SignerSource)
 AUTH: Final = web.AppKey("auth", AuthService)
 PROVISIONING: Final = web.AppKey("provisioning", Provisioning)
+#: Live credit snapshots for event streams (made by ``backend.api.routes.consumption``).
+LIVE_HUB: Final = web.AppKey("live_hub", LiveHub)
 #: Alembic head revision the code expects (for /readyz).
 SCHEMA_HEAD: Final = web.AppKey("schema_head", str)
 #: The OpenAPI document and its HTML page, built once when the app is made.

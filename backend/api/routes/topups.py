@@ -22,6 +22,7 @@ from backend.api.context import (
     CONFIG,
     DATABASE,
     KEY_STORE,
+    LIVE_HUB,
     REQUEST_ID,
     body,
     call_of,
@@ -243,7 +244,14 @@ def mqtt_settings(url: str, *, client_id: str, shared: bool) -> MqttSettings:
 
 async def _runtime(app: web.Application) -> AsyncIterator[None]:
     settings = app.get(TOPUP_SETTINGS) or settings_from_config(app[CONFIG])
-    async with topup_runtime(app[DATABASE], app[KEY_STORE], settings, clock=app[CLOCK]) as runtime:
+    hub = app.get(LIVE_HUB)
+    async with topup_runtime(
+        app[DATABASE],
+        app[KEY_STORE],
+        settings,
+        clock=app[CLOCK],
+        on_live=None if hub is None else hub.changed,
+    ) as runtime:
         app[TOPUP_RUNTIME] = runtime
         app[TOPUPS] = runtime.topups
         app[ACCOUNTS] = runtime.accounts
