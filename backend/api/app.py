@@ -51,6 +51,7 @@ ROUTE_MODULES: Final = (
     "backend.api.routes.tenancy",
     "backend.api.routes.network",
     "backend.api.routes.topups",
+    "backend.api.routes.alerts",
     "backend.api.routes.split_rules",
     "backend.api.routes.consumption",
 )

@@ -63,6 +63,11 @@ class Action(enum.StrEnum):
     TOPUP_CREATE = "topup.create"
     TOPUP_READ = "topup.read"
     AUDIT_READ = "audit.read"
+    ALERT_READ = "alert.read"
+    ALERT_RESOLVE = "alert.resolve"
+    WEBHOOK_ENDPOINT_CREATE = "webhook_endpoint.create"
+    WEBHOOK_ENDPOINT_READ = "webhook_endpoint.read"
+    WEBHOOK_ENDPOINT_DELETE = "webhook_endpoint.delete"
 
 
 _A = Action
@@ -76,6 +81,9 @@ PERMISSIONS: Final[Mapping[Role, frozenset[Action]]] = {
             _A.API_KEY_READ,
             _A.API_KEY_REVOKE,
             _A.AUDIT_READ,
+            _A.WEBHOOK_ENDPOINT_CREATE,
+            _A.WEBHOOK_ENDPOINT_READ,
+            _A.WEBHOOK_ENDPOINT_DELETE,
         }
     ),
     Role.UTILITY_ADMIN: frozenset(Action) - {_A.TENANT_CREATE},
@@ -105,6 +113,7 @@ PERMISSIONS: Final[Mapping[Role, frozenset[Action]]] = {
             _A.METER_READ,
             _A.TOPUP_READ,
             _A.AUDIT_READ,
+            _A.ALERT_READ,
         }
     ),
     Role.CUSTOMER: frozenset(

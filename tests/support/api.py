@@ -363,6 +363,7 @@ def valid_bodies(world: World) -> dict[str, dict[str, Any]]:
             "label": "second home",
         },
         "/v1/gateways": {"id": "gw-new"},
+        "/v1/webhook-endpoints": {"url": "https://ops.example.org/hook", "kinds": ["LOW_CREDIT"]},
         "/v1/meters": {
             "serial": 3000,
             "gateway_id": a.gateway,

@@ -24,7 +24,7 @@ from sqlalchemy import MetaData, text
 from sqlalchemy.engine import URL, Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from backend.adapters.db import alert_tables, ingest_tables, ledger_tables, tables
+from backend.adapters.db import alert_tables, ingest_tables, ledger_tables, notify_tables, tables
 from backend.adapters.db.base import Base
 from backend.adapters.db.engine import SQLITE_BEGIN_OPTION, make_engine
 
@@ -32,7 +32,7 @@ MIGRATIONS_DIR: Final = Path(__file__).resolve().parents[2] / "migrations"
 #: pg_advisory_xact_lock key serialising concurrent upgrades (any fixed 64-bit number).
 _PG_MIGRATION_LOCK: Final = 0x766F6C74_6D696772  # "voltmigr"
 #: Table modules whose classes make up :func:`target_metadata`; add new ones here.
-TABLE_MODULES: Final = (ledger_tables, tables, alert_tables, ingest_tables)
+TABLE_MODULES: Final = (ledger_tables, tables, alert_tables, ingest_tables, notify_tables)
 
 
 def target_metadata() -> MetaData:
