@@ -39,8 +39,13 @@ from typing import Any, Final
 
 from backend.adapters.db.alert_tables import AlertKind
 from backend.adapters.db.engine import Database
-from backend.adapters.db.ingest_repo import IngestRepository, MeterInfo, RuleRow, TariffVersion
-from backend.adapters.db.ingest_tables import MeterIngestRow
+from backend.adapters.db.ingest_repo import (
+    IngestRepository,
+    IngestRow,
+    MeterInfo,
+    RuleRow,
+    TariffVersion,
+)
 from backend.domain import billing, consumption, split
 from backend.domain.ledger import Account, Transfer, TransferCode, apply, derive_id
 from backend.errors import LedgerError
@@ -102,7 +107,7 @@ class _Meter:
     """One meter's working state within a unit of work."""
 
     info: MeterInfo
-    row: MeterIngestRow | None
+    row: IngestRow | None
     state: consumption.MeterIngestState
     book: billing.MeterBook
     quarantine: str | None
@@ -241,7 +246,7 @@ class IngestService:
             self._histories[key] = history
         return history
 
-    def _load(self, info: MeterInfo, row: MeterIngestRow | None) -> _Meter:
+    def _load(self, info: MeterInfo, row: IngestRow | None) -> _Meter:
         if row is None:
             return _Meter(
                 info=info,

@@ -78,7 +78,8 @@ def fleet_batches(meters: list[int]) -> list[list[ReadingBatch]]:
                     ts=t,
                     import_wh=imports[m],
                     band_wh=band[:end],
-                    credit_milli=5_000_000,
+                    # What a real meter shows: its opening credit less what it charged.
+                    credit_milli=50_000_000 - rating.cumulative_charge_milli(TOU, regs[m]),
                     relay=Relay.CLOSED,
                     power_w=wh * 60,
                     voltage_dv=2300,

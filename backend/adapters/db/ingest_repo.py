@@ -87,6 +87,29 @@ class RuleRow:
     partner_reseller_id: int | None
 
 
+@dataclass(frozen=True, slots=True)
+class IngestRow:
+    """A ``meter_ingest`` row as ingest reads it (a plain value: no ORM instrumentation)."""
+
+    meter_id: int
+    state: dict[str, Any]
+    rule_set: str
+    totals: dict[str, Any]
+    carry: dict[str, Any]
+    pending: dict[str, Any]
+    last_ts: int | None
+    last_credit_milli: int | None
+    last_relay: str | None
+    last_power_w: int | None
+    last_import_wh: int | None
+    last_token_id: int | None
+    quarantine: str | None
+    reconcile_diff_milli: int | None
+
+
+_INGEST_COLUMNS = tuple(IngestRow.__dataclass_fields__)
+
+
 class IngestRepository:
     """Bulk statements of the ingest unit of work."""
 
@@ -114,7 +137,7 @@ class IngestRepository:
         """Record batches as ingested (a concurrent duplicate raises a conflict)."""
         if rows:
             with translated("add_batches"):
-                await self._session.execute(insert(ReadingBatchRow), list(rows))
+                await self._session.execute(insert(_table(ReadingBatchRow)), list(rows))
 
     # ------------------------------------------------------------------ reference data
 
@@ -226,21 +249,22 @@ class IngestRepository:
 
     # ------------------------------------------------------------------ meter state
 
-    async def ingest_rows(self, meter_ids: Iterable[int]) -> dict[int, MeterIngestRow]:
+    async def ingest_rows(self, meter_ids: Iterable[int]) -> dict[int, IngestRow]:
         """The ``meter_ingest`` rows of these meters, locked (PostgreSQL) in id order."""
         ids = sorted(set(meter_ids))
         if not ids:
             return {}
+        t = _table(MeterIngestRow)
         stmt = (
-            select(_table(MeterIngestRow))
-            .where(MeterIngestRow.meter_id.in_(ids))
-            .order_by(MeterIngestRow.meter_id)
+            select(*(t.c[name] for name in _INGEST_COLUMNS))
+            .where(t.c.meter_id.in_(ids))
+            .order_by(t.c.meter_id)
         )
         if self._pg:
             stmt = stmt.with_for_update()
         with translated("ingest_rows"):
-            rows = (await self._session.execute(stmt)).mappings().all()
-        return {r["meter_id"]: MeterIngestRow(**r) for r in rows}
+            rows = (await self._session.execute(stmt)).all()
+        return {r[0]: IngestRow(*r) for r in rows}
 
     async def save_ingest_rows(
         self, new: Sequence[dict[str, Any]], changed: Sequence[dict[str, Any]]
@@ -291,13 +315,13 @@ class IngestRepository:
         """Insert billed intervals."""
         if rows:
             with translated("add_intervals"):
-                await self._session.execute(insert(ConsumptionIntervalRow), list(rows))
+                await self._session.execute(insert(_table(ConsumptionIntervalRow)), list(rows))
 
     async def add_alerts(self, rows: Sequence[dict[str, Any]]) -> None:
         """Insert alerts."""
         if rows:
             with translated("add_alerts"):
-                await self._session.execute(insert(AlertRow), list(rows))
+                await self._session.execute(insert(_table(AlertRow)), list(rows))
 
     # ------------------------------------------------------------------ ledger
 
@@ -353,7 +377,7 @@ class IngestRepository:
         )
         with translated("post"):
             await self._session.execute(
-                insert(TransferRow),
+                insert(_table(TransferRow)),
                 [
                     {
                         "id": x.id,
