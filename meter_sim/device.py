@@ -115,6 +115,9 @@ class MeterDevice:
         self._saved: MeterState | None = None
         self._clock_offset = 0
         self._lock = asyncio.Lock()
+        # Saves of one meter never overlap: the fleet's periodic save and a request's save
+        # would otherwise write the same temporary file (persistence.save) at once.
+        self._save_lock = asyncio.Lock()
         self.requests = 0
         self.sim_device = SimDevice(
             id=unit_id,
@@ -139,11 +142,12 @@ class MeterDevice:
 
     async def persist(self) -> None:
         """Save the state if it changed since the last save (atomic, durable)."""
-        if self.state_path is None or self.state is self._saved:
-            return
-        state = self.state
-        await asyncio.to_thread(persistence.save, self.state_path, state)
-        self._saved = state
+        async with self._save_lock:
+            if self.state_path is None or self.state is self._saved:
+                return
+            state = self.state
+            await asyncio.to_thread(persistence.save, self.state_path, state)
+            self._saved = state
 
     # ----------------------------------------------------------------- register images
 

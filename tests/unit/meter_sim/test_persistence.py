@@ -212,3 +212,44 @@ def test_damaged_state_is_refused_with_a_clear_message(
 def test_a_state_that_is_not_an_object_is_refused(data: object) -> None:
     with pytest.raises(StateFileError, match="must be a JSON object"):
         persistence.from_dict(data)
+
+
+async def test_overlapping_saves_of_one_meter_run_one_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fleet's periodic save and a request's save must not write the same file at once.
+
+    Both used to write ``<meter>.json.tmp`` together; the second rename then failed and
+    took the whole fleet down (seen with 2,000 meters under polling).
+    """
+    import asyncio
+    import threading
+
+    from meter_sim.clock import ManualClock
+    from tests.support.meters import make_meter
+
+    clock = ManualClock(1_790_000_000)
+    meter = make_meter(clock, meter_id=42, state_path=tmp_path / "42.json")
+    real_save = persistence.save
+    inside, most = 0, 0
+    guard = threading.Lock()
+
+    def slow_save(path: Path, state: MeterState) -> None:
+        nonlocal inside, most
+        with guard:
+            inside += 1
+            most = max(most, inside)
+        try:
+            threading.Event().wait(0.05)
+            real_save(path, state)
+        finally:
+            with guard:
+                inside -= 1
+
+    monkeypatch.setattr(persistence, "save", slow_save)
+    for _ in range(3):
+        clock.advance(60)
+        meter.tick()
+        await asyncio.gather(*(meter.persist() for _ in range(4)))
+    assert most == 1
+    assert (tmp_path / "42.json").exists()
