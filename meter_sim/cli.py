@@ -343,10 +343,16 @@ def _key_line(line: str, where: str) -> tuple[int, bytes]:
     return key_id, raw
 
 
+#: The factory tariff's id: far from the small ids a backend gives its first published
+#: versions, so the first tariff message a meter gets is visibly a new tariff (its band
+#: registers restart at activation) and not a reset of the same one.
+FACTORY_TARIFF_ID: Final = 4_000_000_001
+
+
 def default_tariff(code: str, timezone: str) -> Tariff:
     """A realistic two-band time-of-use tariff: peak 07:00-21:00 on weekdays."""
     return Tariff(
-        tariff_id=1,
+        tariff_id=FACTORY_TARIFF_ID,
         currency=currency(code),
         timezone=timezone,
         bands=(Band("offpeak", 24_000), Band("peak", 36_500)),
