@@ -105,6 +105,7 @@ class IngestConsumer:
         clock: Callable[[], datetime],
         on_live: Callable[[Sequence[LiveUpdate]], None] | None = None,
         max_messages: int = DEFAULT_MAX_MESSAGES,
+        linger_s: float = 0.02,
         retry_min_s: float = 0.2,
         retry_max_s: float = 10.0,
     ) -> None:
@@ -114,6 +115,7 @@ class IngestConsumer:
         self._clock = clock
         self._on_live = on_live
         self._max = max_messages
+        self._linger_s = linger_s
         self._retry = (retry_min_s, retry_max_s)
         #: Totals since start (for logs and benchmarks).
         self.totals = IngestReport()
@@ -122,7 +124,21 @@ class IngestConsumer:
         while True:
             first = await self._queue.get()
             messages = [first]
-            while len(messages) < self._max and not self._queue.empty():
+            # Messages trickle in one by one from the network thread: give the queue a
+            # moment to fill so a unit of work carries many batches (fewer, larger
+            # commits), but never wait longer than ``linger_s`` after the first.
+            deadline = asyncio.get_running_loop().time() + self._linger_s
+            while len(messages) < self._max:
+                if self._queue.empty():
+                    remaining = deadline - asyncio.get_running_loop().time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        async with asyncio.timeout(remaining):
+                            messages.append(await self._queue.get())
+                    except TimeoutError:
+                        break
+                    continue
                 messages.append(self._queue.get_nowait())
             await self._handle(messages)
 
