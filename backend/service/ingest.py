@@ -382,13 +382,18 @@ class IngestService:
         for row in intervals:
             by_meter.setdefault(row["meter_id"], []).append(row)
         refs: dict[int, list[billing.RuleRef]] = {}
+        compiled: dict[tuple[int, str, int | None], billing.RuleSet] = {}
         for meter_id, rows in by_meter.items():
             m = meters[meter_id]
             rules = _rule_refs(rules_by_key.get((m.info.tenant_id, m.info.tariff_code), []), m.info)
             refs[meter_id] = rules
+            key = (m.info.tenant_id, m.info.tariff_code, m.info.reseller_id)
+            rule_set = compiled.get(key)
+            if rule_set is None:
+                rule_set = compiled[key] = billing.RuleSet.of(rules)
             first_bill = m.book.rule_set != billing.NO_RULES or m.book.totals == split.SplitTotals()
             for row in rows:
-                billed = billing.bill(m.book, rules, (row.pop("_interval"),))
+                billed = billing.bill(m.book, rule_set, (row.pop("_interval"),))
                 m.book = billed.book
                 row["shares"] = [list(s) for s in billed.shares[0]]
                 row["payer_minor"] = billed.payer_minor
