@@ -359,3 +359,30 @@ def load_config(
         except ValueError as exc:
             raise ConfigError(f"environment: {key.env}: {exc}") from exc
     return BackendConfig(source=source, **values)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SystemdEnv:
+    """What systemd tells a ``Type=notify`` service through its environment (sd_notify(3))."""
+
+    notify_socket: str | None = None
+    #: The watchdog interval in microseconds, if this process is the one watched.
+    watchdog_usec: int | None = None
+
+
+def systemd_env(environ: Mapping[str, str] | None = None, pid: int | None = None) -> SystemdEnv:
+    """``NOTIFY_SOCKET`` and ``WATCHDOG_USEC``, validated (``environ``/``pid``: this process's).
+
+    ``WATCHDOG_PID`` (when set) names the process the watchdog is for
+    (sd_watchdog_enabled(3)); any other process ignores the interval.
+    """
+    env = os.environ if environ is None else environ
+    watchdog: int | None = None
+    usec = env.get("WATCHDOG_USEC")
+    if usec:
+        if not (usec.isascii() and usec.isdigit()) or int(usec) == 0:
+            raise ConfigError(f"environment: WATCHDOG_USEC: not a positive integer: {usec!r}")
+        owner = env.get("WATCHDOG_PID")
+        if not owner or owner == str(os.getpid() if pid is None else pid):
+            watchdog = int(usec)
+    return SystemdEnv(notify_socket=env.get("NOTIFY_SOCKET") or None, watchdog_usec=watchdog)

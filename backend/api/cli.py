@@ -1,20 +1,27 @@
 """``voltcredit backend``: serve the HTTP API, or mint the first platform-admin API key.
 
 ``run`` migrates the database to the code's schema, then serves until SIGINT or SIGTERM
-(a clean stop: in-flight requests finish, the database pool closes). Configuration comes
-from ``--config FILE`` (TOML; else ``$VOLTCREDIT_CONFIG``) and ``VOLTCREDIT_*``
-environment variables; the README section "backend" lists every key. ``create-admin-key``
-migrates too, stores a new PLATFORM_ADMIN key and prints it, once, alone on stdout.
+(a clean stop: in-flight requests finish, the database pool closes). Under systemd
+(``Type=notify``, ``systemd/voltcredit-backend.service``) it reports READY=1 once it
+serves, keeps a STATUS line, feeds the watchdog (``WatchdogSec``) at half its interval
+while the event loop runs and the database answers, and sends STOPPING=1 on a stop.
+Configuration comes from ``--config FILE`` (TOML; else ``$VOLTCREDIT_CONFIG``) and
+``VOLTCREDIT_*`` environment variables; the README section "backend" lists every key.
+``create-admin-key`` migrates too, stores a new PLATFORM_ADMIN key and prints it, once,
+alone on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import logging
 import signal
 import sys
 import textwrap
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -23,16 +30,30 @@ from sqlalchemy.engine import make_url
 
 from backend.adapters.db.engine import Database
 from backend.adapters.db.migrate import upgrade
+from backend.adapters.sdnotify import Notifier
 from backend.api.app import create_app
-from backend.config import BackendConfig, ConfigError, describe, load_config
+from backend.api.context import DATABASE, SCHEMA_HEAD
+from backend.api.routes.system import READY_TIMEOUT_S, DatabaseHealth, check_database
+from backend.config import (
+    BackendConfig,
+    ConfigError,
+    SystemdEnv,
+    describe,
+    load_config,
+    systemd_env,
+)
 from backend.domain.auth import Role, Scope
 from backend.domain.fields import NAME
 from backend.errors import BackendError
 from backend.service.auth import AuthService, password_hasher
 from backend.service.context import Call, utc_now
 
+log = logging.getLogger(__name__)
+
 EXIT_FAIL: Final = 1
 EXIT_CONFIG: Final = 2
+#: How often the STATUS line is refreshed when systemd does not watch the process.
+STATUS_EVERY_S: Final = 30.0
 
 EPILOG = f"""\
 configuration keys (TOML [section] key, or environment variable):
@@ -89,33 +110,100 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     try:
-        return asyncio.run(serve(config))
+        systemd = systemd_env()
+    except ConfigError as exc:
+        _error(str(exc))
+        return EXIT_CONFIG
+    try:
+        return asyncio.run(serve(config, systemd))
     except (BackendError, OSError) as exc:
         _error(str(exc))
         return EXIT_FAIL
 
 
-async def serve(config: BackendConfig) -> int:
-    """Migrate, serve until SIGINT/SIGTERM, stop cleanly."""
+async def serve(config: BackendConfig, systemd: SystemdEnv | None = None) -> int:
+    """Migrate, serve until SIGINT/SIGTERM, stop cleanly; tell systemd (if it asks) how it goes."""
+    systemd = systemd or SystemdEnv()
+    notifier = Notifier(systemd.notify_socket)
+    notifier.status("migrating the database")
     _prepare(config)
     await upgrade(config.database_url)
-    runner = web.AppRunner(create_app(config), handle_signals=False)
+    notifier.status("starting")
+    app = create_app(config)
+    runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
+    watch: asyncio.Task[None] | None = None
     try:
         site = web.TCPSite(runner, config.http_host, config.http_port)
         await site.start()
-        for address in runner.addresses:
-            host, port = address[0], address[1]
-            print(f"voltcredit backend: listening on http://{host}:{port}", flush=True)
+        urls = [f"http://{address[0]}:{address[1]}" for address in runner.addresses]
+        for url in urls:
+            print(f"voltcredit backend: listening on {url}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        serving = f"serving {' '.join(urls)}"
+        notifier.ready(serving)
+        if notifier.enabled:
+            db, head = app[DATABASE], app[SCHEMA_HEAD]
+            watch = loop.create_task(
+                watchdog(
+                    lambda timeout_s: check_database(db, head, timeout_s=timeout_s),
+                    notifier,
+                    watchdog_usec=systemd.watchdog_usec,
+                    serving=serving,
+                ),
+                name="systemd-watchdog",
+            )
         await stop.wait()
         print("voltcredit backend: stopping", flush=True)
+        notifier.stopping()
     finally:
+        if watch is not None:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
         await runner.cleanup()
     return 0
+
+
+async def watchdog(
+    check: Callable[[float], Awaitable[DatabaseHealth]],
+    notifier: Notifier,
+    *,
+    watchdog_usec: int | None,
+    serving: str,
+) -> None:
+    """Feed systemd's watchdog every half interval while the database answers; keep STATUS.
+
+    The loop runs on the event loop it vouches for, so a blocked loop feeds nothing either.
+    ``check(timeout_s)`` asks the database (``/readyz``'s check). A database that answers
+    but is at another schema revision (a rolling upgrade migrated it) still feeds the
+    watchdog: the process lives, /readyz takes it out of the load balancer, and a restart
+    would not help. Without ``watchdog_usec`` only the STATUS line is kept.
+    """
+    period = STATUS_EVERY_S if watchdog_usec is None else watchdog_usec / 2_000_000
+    # An answer slower than half a period is no answer: the next keep-alive is due.
+    timeout_s = min(READY_TIMEOUT_S, period / 2)
+    loop = asyncio.get_running_loop()
+    shown: str | None = None
+    while True:
+        started = loop.time()
+        try:
+            health = await check(timeout_s)
+        except Exception as exc:  # noqa: BLE001 - whatever breaks the probe means "not healthy"
+            health = DatabaseHealth(answered=False, problem=f"database check failed: {exc!r}")
+        if health.answered:
+            if watchdog_usec is not None:
+                notifier.watchdog()
+        else:
+            log.error("%s: not feeding the systemd watchdog", health.problem)
+        status = f"{serving}; {'ready' if health.problem is None else health.problem}"
+        if status != shown:
+            notifier.status(status)
+            shown = status
+        await asyncio.sleep(max(0.0, period - (loop.time() - started)))
 
 
 def cmd_create_admin_key(args: argparse.Namespace) -> int:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Final
 
 from aiohttp import web
 
+from backend.adapters.db.engine import Database
 from backend.adapters.db.repos import schema_revisions
 from backend.api.context import DATABASE, DOCS_HTML, OPENAPI, SCHEMA_HEAD
 from backend.api.registry import RouteTable
@@ -16,6 +18,44 @@ routes = RouteTable("system", "Health of the service and this documentation.")
 
 #: How long /readyz waits for the database before calling it unreachable.
 READY_TIMEOUT_S: Final = 2.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DatabaseHealth:
+    """What the database said: whether it answered at all, and why it is not ready if not."""
+
+    #: It answered a query in time (liveness: the systemd watchdog is fed on this).
+    answered: bool
+    #: ``None`` when ready; else a sentence saying what is wrong (readiness: /readyz).
+    problem: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.problem is None
+
+
+async def check_database(
+    db: Database, head: str, *, timeout_s: float = READY_TIMEOUT_S
+) -> DatabaseHealth:
+    """Ask the database for its schema revisions within ``timeout_s``; compare with ``head``.
+
+    Shared by /readyz and the systemd watchdog of ``voltcredit backend run``.
+    """
+    try:
+        async with asyncio.timeout(timeout_s), db.read() as session:
+            revisions = await schema_revisions(session)
+    except TimeoutError:
+        return DatabaseHealth(
+            answered=False, problem=f"database unreachable: no answer within {timeout_s:g} s"
+        )
+    except (StorageError, OSError) as exc:
+        return DatabaseHealth(answered=False, problem=f"database unreachable: {exc}")
+    if revisions != [head]:
+        return DatabaseHealth(
+            answered=True,
+            problem=f"database schema at {revisions or 'nothing'}, this code expects {head}",
+        )
+    return DatabaseHealth(answered=True)
 
 
 @routes.get("/healthz", "Liveness", public=True)
@@ -29,15 +69,9 @@ async def readyz(request: web.Request) -> web.Response:
     """200 when the database answers and its schema is at the migration head this code
     expects; 503 otherwise (take the instance out of the load balancer)."""
     head = request.app[SCHEMA_HEAD]
-    try:
-        async with asyncio.timeout(READY_TIMEOUT_S), request.app[DATABASE].read() as session:
-            revisions = await schema_revisions(session)
-    except (StorageError, TimeoutError, OSError) as exc:
-        raise web.HTTPServiceUnavailable(text=f"database unreachable: {exc}") from exc
-    if revisions != [head]:
-        raise web.HTTPServiceUnavailable(
-            text=f"database schema at {revisions or 'nothing'}, this code expects {head}"
-        )
+    health = await check_database(request.app[DATABASE], head)
+    if health.problem is not None:
+        raise web.HTTPServiceUnavailable(text=health.problem)
     return web.json_response({"status": "ready", "schema": head})
 
 
