@@ -38,7 +38,7 @@ from tests.support.topups import Target, fresh_target
 
 pytestmark = pytest.mark.integration
 
-START = int(datetime(2026, 10, 20, tzinfo=UTC).timestamp())
+START = int(datetime(2026, 10, 10, tzinfo=UTC).timestamp())
 OPENING_MINOR = 5_000  # 50.00 EUR on the meter and in the ledger
 
 
@@ -126,9 +126,11 @@ async def world_and_meters(
 
 
 async def test_ledger_takes_exactly_what_the_meters_took(target: Target) -> None:
-    """16 days of 15-minute readings across the end of DST: the ledger agrees to the unit."""
+    """A month of half-hourly readings (10 October - 9 November 2026: the end of DST on the
+    25th, a month start) under time of use with a daily standing charge: the ledger
+    agrees with the meters to the rating unit."""
     async with target.database() as db:
-        world, sim, items = await world_and_meters(db)
+        world, sim, items = await world_and_meters(db, days=31, step=1_800)
         clock = Clock()
         service = IngestService(db, clock=clock)
         await feed(service, clock, items)
@@ -137,7 +139,7 @@ async def test_ledger_takes_exactly_what_the_meters_took(target: Target) -> None
         after = await balances(db)
         for meter in world.meters:
             taken = OPENING_MINOR * 1000 - sim.states[meter].credit_milli
-            assert taken > 16 * 38_000  # standing charges and real consumption
+            assert taken > 31 * 38_000  # standing charges and real consumption
             assert totals[meter] == taken
             carry = rows[meter].carry["amount_milli"]
             assert after[world.prepaid[meter]] * 1000 - carry == sim.states[meter].credit_milli

@@ -951,7 +951,7 @@ def test_any_delivery_bills_from_the_first_reading_received(
 def test_agrees_with_the_meter_simulator_to_the_unit() -> None:
     """meter_sim.core rates its own credit; ingest of its hourly readings bills the same.
 
-    A household load from 20 October to 4 November 2026 (DST ends on the 25th), FLAT until
+    A household load from 5 October to 4 November 2026 (DST ends on the 25th), FLAT until
     a tariff activation on Thursday 22 October at 12:00, then TOU with monthly blocks
     across the month start. The readings are at half past each hour, so the old tariff's
     tail (11:30-12:00) is in one band and rated exactly.
@@ -962,7 +962,7 @@ def test_agrees_with_the_meter_simulator_to_the_unit() -> None:
 
     config = core.MeterConfig(meter_id=METER, currency=EUR)
     key = messages.public_key_bytes(messages.load_private_key(bytes([1]) * 32).public_key())
-    start, act = berlin(2026, 10, 20), berlin(2026, 10, 22, 12)
+    start, act = berlin(2026, 10, 5), berlin(2026, 10, 22, 12)
     state = core.new_meter(config, tariff=FLAT, trusted_keys={1: key}, now=start)
     # the tariff message's effect (a passive tariff due at ``act``), without signing one
     state = dataclasses.replace(state, passive=(TOU, act), credit_milli=10**12)
