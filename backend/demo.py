@@ -6,8 +6,11 @@ production), the backend (``voltcredit backend run``), a fleet of simulated prep
 meters in accelerated time and a gateway polling them. On the first run it makes the
 backend's signing key, the meters and the gateway trust it, and provisions a utility
 over the HTTP API (tenant, partners, a time-of-use tariff, customers with supply
-accounts, the gateway and its meters); it prints the logins and the commands to top up.
-State lives in ``var/demo/`` so a second run continues where the first stopped.
+accounts, the gateway and its meters) and gives every customer an opening top-up through
+the API, so the backend's ledger knows all the credit the meters hold: the backend then
+ingests the gateway's readings, bills the consumption and reconciles each meter's credit
+with the ledger. It prints the logins and the commands of the README walkthrough. State
+lives in ``var/demo/`` so a second run continues where the first stopped.
 
 This module imports no meter_sim or gateway code: it launches ``voltcredit`` sub-commands.
 """
@@ -24,6 +27,7 @@ import secrets
 import shlex
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -60,7 +64,23 @@ PROFILES: Final = (
     "csv:{csv}",
     "constant:1800",
 )
+#: Opening top-up per customer (minor units), by position; customers past the list get
+#: the first amount. Emma's meter draws a constant 1.8 kW (1.8 kWh per real minute at
+#: x60, 0.43 to 0.66 EUR a minute): her 1.50 runs out a few minutes after start, so a
+#: newcomer sees emergency credit, the relay open and a top-up reconnect her.
+OPENING_MINOR: Final = (2000, 2000, 2000, 2000, 150)
+#: The meters' emergency credit and low-credit threshold (meter_sim options): small, so
+#: emergency credit lasts minutes at x60; the threshold matches the accounts' below.
+EMERGENCY_LIMIT: Final = "1.00"
+LOW_CREDIT: Final = "3.00"
+#: Readings are stamped with the meters' own clocks, which run ``--speed`` times faster
+#: than the backend's (and resume from where they stopped on the next run): without this
+#: the backend would quarantine every reading more than 15 minutes ahead of its clock
+#: (FUTURE_TIMESTAMP). Ten years of meter time is two months of demo running at x60.
+MAX_CLOCK_AHEAD_S: Final = 10 * 365 * 86_400
 READY_TIMEOUT_S: Final = 60.0
+#: How long provisioning waits for a meter's first reading, and for a token to be applied.
+WAIT_S: Final = 60.0
 
 
 class DemoError(Exception):
@@ -136,6 +156,9 @@ def _backend_config(directory: Path, http_port: int, mqtt_port: int) -> tuple[Pa
         f'token_secret = "{token_secret}"',
         f'bootstrap_admin_key = "{admin}"',
         "customer_token_ttl_s = 3600",
+        "[ingest]",
+        "# The meters run in accelerated time: their clocks run ahead of the backend's.",
+        f"max_clock_ahead_s = {MAX_CLOCK_AHEAD_S}",
     ]
     path = directory / "backend.toml"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -182,6 +205,23 @@ def _voltcredit() -> list[str]:
     return [sys.executable, "-c", "import sys; from backend.cli import main; sys.exit(main())"]
 
 
+def _older_demo(directory: Path) -> str | None:
+    """Why ``directory`` cannot be continued (made by an older demo), or None."""
+    if (directory / "meters").exists() and not (directory / "backend-keys.pub").exists():
+        return "trust another key"
+    provisioned = directory / "provisioned.json"
+    if provisioned.exists():
+        # A file this function cannot make sense of is left to the provisioning to refuse.
+        with contextlib.suppress(ValueError, OSError, TypeError, AttributeError, IndexError):
+            state = json.loads(provisioned.read_text())
+            customers = state.get("customers") or [{}]
+            if state.get("done") and "opening_minor" not in customers[0]:
+                # Before the backend billed consumption, meters started with credit of
+                # their own, which the ledger does not know (a reconciliation alert each).
+                return "hold credit the backend's ledger does not know"
+    return None
+
+
 # ------------------------------------------------------------------------ command
 
 
@@ -189,10 +229,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo until Ctrl-C (or ``--for-seconds``)."""
     directory: Path = args.dir
     directory.mkdir(parents=True, exist_ok=True)
-    if (directory / "meters").exists() and not (directory / "backend-keys.pub").exists():
+    older = _older_demo(directory)
+    if older is not None:
         print(
-            f"voltcredit demo: {directory} was made by an older demo whose meters trust "
-            f"another key; delete it (rm -r {directory}) and run the demo again",
+            f"voltcredit demo: {directory} was made by an older demo whose meters {older}; "
+            f"delete it (rm -r {directory}) and run the demo again",
             file=sys.stderr,
         )
         return 2
@@ -213,14 +254,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
         str(args.speed),
         "--trusted-key",
         str(pub),
+        # New meters hold no credit: the opening top-ups bring it through the ledger. With
+        # none, a meter leaves its relay open (emergency credit offered), so no energy
+        # flows before the backend has its first reading. No friendly hours for the same
+        # reason (a meter in them keeps supplying at zero credit) and so that running out
+        # of credit shows at once (tests/e2e/test_credit_cycle.py has a friendly night).
         "--credit",
-        "20.00",
+        "0.00",
+        "--emergency-limit",
+        EMERGENCY_LIMIT,
+        "--low-credit",
+        LOW_CREDIT,
         "--state-dir",
         str(directory / "meters"),
         "--status-every",
         "60",
-        "--friendly-night",
-        "22:00-06:00",
         *(x for p in profiles for x in ("--profile", p)),
     ]
     gateway_cmd = [
@@ -328,9 +376,9 @@ class _Demo:
         """Wait for the backend, provision once, print how to use the demo."""
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
             await self._wait_ready(http)
-            state = await _Provisioner(http, self.api, self.admin, self.directory).run(
-                self.args.meters
-            )
+            provisioner = _Provisioner(http, self.api, self.admin, self.directory)
+            state = await provisioner.run(self.args.meters)
+            await provisioner.open_accounts()
         self._print_usage(state)
 
     async def _wait_ready(self, http: aiohttp.ClientSession) -> None:
@@ -347,39 +395,113 @@ class _Demo:
 
     def _print_usage(self, state: dict[str, Any]) -> None:
         me = ".venv/bin/voltcredit" if Path(".venv/bin/voltcredit").exists() else "voltcredit"
-        first = state["customers"][0]
         logins = "\n".join(
             f"    {c['email']:<22} password {c['password']}  (supply account {c['account_id']}, "
-            f"meter {c['meter']}, Modbus unit {c['unit']})"
+            f"meter {c['meter']}, Modbus unit {c['unit']}, opening top-up "
+            f"{c['opening_minor'] / 100:.2f} EUR)"
             for c in state["customers"]
         )
         api = self.api
+        steps = walkthrough(
+            state, api=api, modbus_port=self.args.modbus_port, directory=self.directory, me=me
+        )
         print(
             f"\nbackend: {api}  (API docs: {api}/docs, OpenAPI: {api}/openapi.json)\n"
             f"  tenant {state['tenant_id']} {TENANT!r}; its UTILITY_ADMIN API key:\n"
             f"    {state['tenant_key']}\n"
             f"  platform admin key: {self.directory}/admin.key\n"
             f"  customer logins (tenant_id {state['tenant_id']}):\n{logins}\n\n"
-            "try, in another terminal:\n"
-            f"  API={api}; J='Content-Type: application/json'\n"
-            f'  TOKEN=$(curl -s -H "$J" $API/v1/auth/login -d \'{{"tenant_id": '
-            f'{state["tenant_id"]}, "email": "{first["email"]}", "password": '
-            f"\"{first['password']}\"}}' | python3 -c 'import json,sys; "
-            'print(json.load(sys.stdin)["token"])\')\n'
-            '  H="Authorization: Bearer $TOKEN"\n'
-            f'  curl -s -H "$H" -H "$J" -H "Idempotency-Key: $(date +%s%N)" '
-            f"$API/v1/accounts/{first['account_id']}/topups "
-            '-d \'{"amount_minor": 1000, "currency": "EUR"}\'   # 10.00 EUR → payment_id\n'
-            f'  curl -s -H "$H" $API/v1/accounts/{first["account_id"]}/balance\n'
-            f'  curl -s -H "$H" $API/v1/accounts/{first["account_id"]}/tokens   '
-            "# the token: ISSUED → SENT → APPLIED\n"
-            '  curl -s -H "$H" $API/v1/payments/<payment_id>/receipt\n'
-            f"  {me} meter-sim status --port {self.args.modbus_port} --unit 1   "
-            "# the meter's credit rose by 10.00\n"
-            f"  {me} gateway status --config {self.directory}/gateway.toml\n\n"
+            "the README walkthrough, in another terminal in this directory (flush left, so\n"
+            "that it pastes as it is):\n\n"
+            f"{steps}\n{me} gateway status --config {self.directory}/gateway.toml\n\n"
             "demo ready. Ctrl-C stops everything; state is kept.",
             flush=True,
         )
+
+
+#: The README's walkthrough (section "Walkthrough"); ``@NAME@`` are filled in by
+#: :func:`walkthrough`. tests/e2e/test_demo.py checks that the README holds it verbatim
+#: for the default ports and directory.
+WALKTHROUGH: Final = """\
+# log in as @EMAIL@ (supply account @ACCOUNT@, meter @METER@ = Modbus unit @UNIT@)
+API=@API@; J='Content-Type: application/json'
+demo() { python3 -c "import json; print(json.load(open('@DIR@/provisioned.json'))$1)"; }
+PW=$(demo '["customers"][@INDEX@]["password"]')   # the demo printed it too
+TOKEN=$(curl -s -H "$J" $API/v1/auth/login \\
+  -d '{"tenant_id": @TENANT@, "email": "@EMAIL@", "password": "'"$PW"'"}' \\
+  | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+H="Authorization: Bearer $TOKEN"
+
+# the credit as the ledger has it (cents) and as the meter last reported it (1/1000 cent)
+curl -s -w '\\n' -H "$H" $API/v1/accounts/@ACCOUNT@/balance
+# the meter itself, over Modbus (firmware_protocol/MODBUS.md): credit_milli is an i64 at
+# 46..49 whose low half (48), read as an int32, is the whole value under 21,474 EUR; then
+# credit_state (1 in credit, 2 low, 3 emergency credit offered, 4 on emergency credit,
+# 7 disconnected), relay_state (0 open, 1 closed) and status_flags at 54..56
+mbpoll -a @UNIT@ -0 -t 3:int -B -r 48 -c 1 -1 127.0.0.1 -p @PORT@ | grep '^\\['
+mbpoll -a @UNIT@ -0 -t 3 -r 54 -c 3 -1 127.0.0.1 -p @PORT@ | grep '^\\['
+@VC@ meter-sim status --port @PORT@ --unit @UNIT@   # the same, for people
+
+# consumption and its cost, billed from every reading (each 10 s, ten meter minutes), by
+# the meter's hours; its clock runs 60 times faster than the backend's, so ask for a month
+# ahead; the newest hours last
+DAYS="from=$(date -d yesterday +%F)&to=$(date -d '29 days' +%F)"
+curl -s -H "$H" "$API/v1/accounts/@ACCOUNT@/consumption?resolution=hour&$DAYS" | python3 -c '
+import json, sys
+hours = [b for b in json.load(sys.stdin)["buckets"] if b["readings"]]
+for b in hours[-5:]:
+    print(b["local_start"], b["energy_wh"], "Wh", b["total_milli"] / 100_000, "EUR")'
+
+# @NAME@'s opening @OPENING@ EUR lasts minutes at 1.8 kW: then the relay opens (credit_state 3,
+# relay_state 0). Take emergency credit (a real meter's button) and supply returns (4, 1)
+# until the debt reaches the 1.00 EUR limit; then the relay opens for good (7, 0)
+mbpoll -a @UNIT@ -0 -t 4 -r 1 -1 127.0.0.1 -p @PORT@ 1 | grep Written
+mbpoll -a @UNIT@ -0 -t 3 -r 54 -c 3 -1 127.0.0.1 -p @PORT@ | grep '^\\['
+
+# top up 10.00 EUR: the meter repays the debt first, the rest is credit, the relay closes
+PAY=$(curl -s -H "$H" -H "$J" -H "Idempotency-Key: $(date +%s%N)" \\
+  $API/v1/accounts/@ACCOUNT@/topups -d '{"amount_minor": 1000, "currency": "EUR"}' \\
+  | python3 -c 'import json,sys; print(json.load(sys.stdin)["payment_id"])')
+sleep 3   # the sandbox settles the payment; the token reaches the meter within a second or two
+curl -s -w '\\n' -H "$H" $API/v1/accounts/@ACCOUNT@/tokens   # CREDIT: ISSUED, SENT, APPLIED
+curl -s -w '\\n' -H "$H" $API/v1/payments/$PAY/receipt
+mbpoll -a @UNIT@ -0 -t 3:int -B -r 48 -c 1 -1 127.0.0.1 -p @PORT@ | grep '^\\['
+mbpoll -a @UNIT@ -0 -t 3 -r 54 -c 3 -1 127.0.0.1 -p @PORT@ | grep '^\\['
+
+# the ledger agrees with the meter: after the next reading, ledger_balance_minor x 1000 and
+# meter_credit_milli differ by less than a cent (the fraction carried to the next reading),
+# and the utility (its API key is in @DIR@/provisioned.json) has no reconciliation alert
+curl -s -w '\\n' -H "$H" $API/v1/accounts/@ACCOUNT@/balance
+KEY=$(demo '["tenant_key"]')
+curl -s -w '\\n' -H "Authorization: Bearer $KEY" "$API/v1/alerts?kind=RECONCILIATION"
+curl -s -w '\\n' -H "Authorization: Bearer $KEY" "$API/v1/alerts?kind=OUT_OF_CREDIT"
+"""
+
+
+def walkthrough(
+    state: dict[str, Any], *, api: str, modbus_port: int, directory: Path, me: str
+) -> str:
+    """The walkthrough's commands for this demo, about the customer who runs out first."""
+    customers = state["customers"]
+    index = min(range(len(customers)), key=lambda i: (customers[i]["opening_minor"], -i))
+    who = customers[index]
+    text = WALKTHROUGH
+    for name, value in (
+        ("API", api),
+        ("PORT", str(modbus_port)),
+        ("DIR", str(directory)),
+        ("VC", me),
+        ("TENANT", str(state["tenant_id"])),
+        ("INDEX", str(index)),
+        ("EMAIL", who["email"]),
+        ("NAME", who["email"].partition("@")[0].capitalize()),
+        ("ACCOUNT", str(who["account_id"])),
+        ("METER", str(who["meter"])),
+        ("UNIT", str(who["unit"])),
+        ("OPENING", f"{who['opening_minor'] / 100:.2f}"),
+    ):
+        text = text.replace(f"@{name}@", value)
+    return text
 
 
 class _Provisioner:
@@ -400,8 +522,10 @@ class _Provisioner:
             json.dump(self.state, f, indent=2)
         tmp.replace(self.path)
 
-    async def _post(self, path: str, body: dict[str, Any], *, key: str) -> dict[str, Any]:
-        headers = {"Authorization": f"Bearer {key}"}
+    async def _post(
+        self, path: str, body: dict[str, Any], *, key: str, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {key}", **(headers or {})}
         async with self.http.post(f"{self.api}{path}", json=body, headers=headers) as response:
             data: dict[str, Any] = await response.json(content_type=None)
             if response.status not in (200, 201):
@@ -411,15 +535,100 @@ class _Provisioner:
                 )
             return data
 
+    async def _get(self, path: str) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {self.state['tenant_key']}"}
+        async with self.http.get(f"{self.api}{path}", headers=headers) as response:
+            data: dict[str, Any] = await response.json(content_type=None)
+            if response.status != 200:
+                raise DemoError(f"GET {path}: {response.status} {data.get('title')}")
+            return data
+
     async def _step(
-        self, name: str, path: str, body: dict[str, Any], *, admin: bool = False
+        self,
+        name: str,
+        path: str,
+        body: dict[str, Any],
+        *,
+        admin: bool = False,
+        headers: dict[str, str] | None = None,
     ) -> Any:
         """POST once: the answer is kept under ``name`` and not asked for again."""
         if name not in self.state:
             key = self.admin if admin else self.state["tenant_key"]
-            self.state[name] = await self._post(path, body, key=key)
+            self.state[name] = await self._post(path, body, key=key, headers=headers)
             self._save()
         return self.state[name]
+
+    async def _until(self, what: str, check: Callable[[], Awaitable[bool]]) -> None:
+        """Poll ``check`` until it holds; DemoError after :data:`WAIT_S`."""
+        deadline = asyncio.get_running_loop().time() + WAIT_S
+        while not await check():
+            if asyncio.get_running_loop().time() > deadline:
+                raise DemoError(f"{what} did not happen within {WAIT_S:.0f} s")
+            await asyncio.sleep(0.5)
+
+    async def open_accounts(self) -> None:
+        """Every customer's opening top-up, once (a run stopped half-way finishes them)."""
+        if self.state.get("opened"):
+            return
+        print("opening top-ups (each after the meter's first reading) ...", flush=True)
+        limit = asyncio.Semaphore(8)  # a large --meters fleet must not flood the API
+
+        async def one(i: int, customer: dict[str, Any]) -> None:
+            async with limit:
+                await self._open_account(i, customer)
+
+        await asyncio.gather(*(one(i, c) for i, c in enumerate(self.state["customers"])))
+        self.state["opened"] = True
+        self._save()
+        print("opening top-ups: applied by every meter", flush=True)
+
+    async def _open_account(self, i: int, customer: dict[str, Any]) -> None:
+        """The opening top-up of customer ``i``, once the backend has the meter's baseline.
+
+        The meter starts with no credit and its relay open, so nothing is consumed before
+        the backend's first reading of it (the baseline it bills from) and the meter's
+        credit equals the ledger's balance from then on. Waiting also for the meter's
+        tariff message keeps the order: tariff first, then the energy the top-up lets
+        flow (a tariff activation restarts the meter's band registers).
+        """
+        account = customer["account_id"]
+        if f"opening_{i}" not in self.state:
+
+            async def baseline() -> bool:
+                # The balance's meter_credit_at is the time of the meter's newest report:
+                # a token result (the gateway's clock, before the backend completed the
+                # token) or an ingested reading (the meter's clock). A report later than
+                # the completion of every token so far is a reading: the baseline exists.
+                balance = await self._get(f"/v1/accounts/{account}/balance")
+                tokens = (await self._get(f"/v1/accounts/{account}/tokens"))["items"]
+                done = [
+                    dt.datetime.fromisoformat(t["completed_at"])
+                    for t in tokens
+                    if t["completed_at"]
+                ]
+                if balance["meter_credit_at"] is None or balance["tokens_in_flight"] or not done:
+                    return False
+                return dt.datetime.fromisoformat(balance["meter_credit_at"]) > max(done)
+
+            await self._until(f"the first reading of meter {customer['meter']}", baseline)
+        # The same Idempotency-Key on every run: a run stopped after the POST but before
+        # saving its answer gets the same payment back, never a second one.
+        payment = await self._step(
+            f"opening_{i}",
+            f"/v1/accounts/{account}/topups",
+            {"amount_minor": customer["opening_minor"], "currency": "EUR"},
+            headers={"Idempotency-Key": f"demo-opening-{account}"},
+        )
+
+        async def applied() -> bool:
+            tokens = (await self._get(f"/v1/accounts/{account}/tokens"))["items"]
+            return any(
+                t["payment_id"] == payment["payment_id"] and t["status"] == "APPLIED"
+                for t in tokens
+            )
+
+        await self._until(f"the opening top-up of meter {customer['meter']}", applied)
 
     async def run(self, meters: int) -> dict[str, Any]:
         """Provision what is missing; return the summary that is printed."""
@@ -549,6 +758,7 @@ class _Provisioner:
                     "account_id": account["id"],
                     "meter": FIRST_METER + i,
                     "unit": i + 1,
+                    "opening_minor": OPENING_MINOR[i if i < len(OPENING_MINOR) else 0],
                 }
             )
         self.state["customers"] = customers

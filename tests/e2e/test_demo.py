@@ -1,19 +1,26 @@
-"""``voltcredit demo`` end to end: it provisions, a customer's top-up reaches the meter, Ctrl-C
-stops everything, and a second run reuses the data.
+"""``voltcredit demo`` end to end: it provisions, a customer's top-up reaches the meter, the
+backend bills consumption and agrees with every meter, Ctrl-C stops everything, and a
+second run reuses the data.
 
 The demo runs as a subprocess in a temporary directory on free ports (backend, broker,
-Modbus). A customer logs in and tops up 10.00 EUR over the HTTP API; the sandbox
-completes the payment, the backend's dispatcher sends the signed token over the
-embedded broker to the gateway, which writes it to the simulated meter. The token must
-become APPLIED and the meter's credit (read over Modbus with ``meter-sim status``) must
-rise by the amount, less at most what the meter consumed meanwhile.
+Modbus). Provisioning gives every customer an opening top-up through the API. A customer
+logs in and tops up 10.00 EUR over the HTTP API; the sandbox completes the payment, the
+backend's dispatcher sends the signed token over the embedded broker to the gateway,
+which writes it to the simulated meter. The token must become APPLIED and the meter's
+credit (read over Modbus with ``meter-sim status``) must rise by the amount, less at most
+what the meter consumed meanwhile. Then the backend must show the customer's consumption
+(``GET /v1/accounts/{id}/consumption``) and, in its database (read only), a
+reconciliation difference of zero for every meter; after the restart too. The README's
+walkthrough must be the one the demo prints.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -25,6 +32,7 @@ from typing import Any
 
 import pytest
 
+from backend.demo import OPENING_MINOR, walkthrough
 from tests.support.broker import free_port
 
 pytestmark = pytest.mark.e2e
@@ -70,7 +78,7 @@ class Demo:
     def output(self) -> str:
         return "".join(self.lines)
 
-    def wait_ready(self, timeout: float = 60) -> None:
+    def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while not any(line.startswith("demo ready") for line in self.lines):
             assert self.proc.poll() is None, f"demo exited early:\n{self.output()}"
@@ -122,6 +130,46 @@ def _meter_credit(modbus_port: int) -> int:
     status: dict[str, Any] = json.loads(out.stdout)
     assert status["meter"] == 1_000_001
     return int(status["credit_milli"])
+
+
+def _ingest(directory: Path) -> dict[int, dict[str, Any]]:
+    """The backend's per-meter ingest rows and billed totals, read only from its SQLite file."""
+    db = sqlite3.connect(f"file:{directory / 'voltcredit.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = db.execute(
+            "SELECT m.meter_id, m.last_ts, m.last_token_id, m.reconcile_diff_milli, m.pending,"
+            " m.quarantine, (SELECT COUNT(*) FROM consumption_intervals c"
+            " WHERE c.meter_id = m.meter_id AND c.import_wh > 0) FROM meter_ingest m"
+        ).fetchall()
+        alerts = db.execute("SELECT COUNT(*) FROM alerts WHERE kind = 'RECONCILIATION'").fetchone()
+    finally:
+        db.close()
+    assert alerts == (0,), "the backend raised a reconciliation alert"
+    keys = ("last_ts", "last_token_id", "diff", "pending", "quarantine", "consuming")
+    return {r[0]: dict(zip(keys, r[1:], strict=True)) for r in rows}
+
+
+def _agreeing(directory: Path, token_ids: dict[int, int], *, after: dict[int, int]) -> bool:
+    """Every meter's newest reading shows the tokens in ``token_ids`` applied, is newer
+    than ``after``, was billed with consumption, and the ledger agrees with its credit."""
+    rows = _ingest(directory)
+    return len(rows) == len(token_ids) and all(
+        row["last_token_id"] >= token_ids[meter]
+        and row["last_ts"] > after.get(meter, 0)
+        and row["consuming"] > 0
+        and row["diff"] == 0
+        and row["pending"] == "{}"
+        and row["quarantine"] is None
+        for meter, row in rows.items()
+    )
+
+
+def _wait(what: str, check: Any, demo: Demo, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert demo.proc.poll() is None, f"demo exited:\n{demo.output()}"
+        assert time.monotonic() < deadline, f"{what}:\n{demo.output()}"
+        time.sleep(1)
 
 
 def _port_free(port: int) -> bool:
@@ -180,6 +228,29 @@ def test_demo_delivers_a_topup_and_restarts_from_its_data(tmp_path: Path) -> Non
         balance = _request(f"{api}/v1/accounts/{account}/balance", headers=headers)
         assert balance["meter_id"] == 1_000_001
         assert balance["tokens_in_flight"] == 0
+
+        # Every meter got its opening top-up (message 2, after its tariff message) through
+        # the ledger; the customer's consumption arrives in the backend, billed; the
+        # ledger agrees with every meter's credit to the rating unit.
+        assert [c["opening_minor"] for c in state["customers"]] == list(OPENING_MINOR)
+        token_ids = {c["meter"]: 2 for c in state["customers"]}
+        token_ids[customer["meter"]] = credit[0]["msg_id"]
+        _wait(
+            "the backend billing and agreeing",
+            lambda: _agreeing(directory, token_ids, after={}),
+            demo,
+        )
+        today = dt.datetime.now(dt.UTC).date()
+        span = f"from={today - dt.timedelta(days=1)}&to={today + dt.timedelta(days=29)}"
+        history = _request(
+            f"{api}/v1/accounts/{account}/consumption?resolution=day&{span}", headers=headers
+        )
+        assert history["totals"]["energy_wh"] > 0
+        assert history["totals"]["total_milli"] > 0
+        seen = {meter: row["last_ts"] for meter, row in _ingest(directory).items()}
+        # The demo printed the walkthrough for its own ports and directory.
+        assert f"API={api};" in demo.output()
+        assert f"mbpoll -a 5 -0 -t 4 -r 1 -1 127.0.0.1 -p {ports['modbus']} 1" in demo.output()
     finally:
         code = demo.stop()
     assert code == 0, demo.output()
@@ -197,7 +268,39 @@ def test_demo_delivers_a_topup_and_restarts_from_its_data(tmp_path: Path) -> Non
         assert [t["status"] for t in tokens if t["payment_id"] == topup["payment_id"]] == [
             "APPLIED"
         ]
+        # The meters resume where they stopped: newer readings, billed, still agreeing.
+        _wait(
+            "the backend agreeing after the restart",
+            lambda: _agreeing(directory, token_ids, after=seen),
+            again,
+        )
     finally:
         code = again.stop()
     assert code == 0, again.output()
     assert all(_port_free(port) for port in ports.values())
+
+
+def test_readme_walkthrough_is_the_one_the_demo_prints() -> None:
+    """README.md holds the walkthrough verbatim for the default ports and directory."""
+    state = {
+        "tenant_id": 1,
+        "customers": [
+            {
+                "email": f"{name}@demo.example",
+                "account_id": i + 1,
+                "meter": 1_000_001 + i,
+                "unit": i + 1,
+                "opening_minor": OPENING_MINOR[i],
+            }
+            for i, name in enumerate(("anna", "ben", "clara", "david", "emma"))
+        ],
+    }
+    steps = walkthrough(
+        state,
+        api="http://127.0.0.1:8080",
+        modbus_port=5020,
+        directory=Path("var/demo"),
+        me=".venv/bin/voltcredit",
+    )
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert f"```sh\n{steps}```" in readme
