@@ -39,6 +39,7 @@ from sqlalchemy import select
 
 from backend.adapters.db.engine import Database
 from backend.adapters.db.ingest_tables import ConsumptionIntervalRow, MeterIngestRow
+from backend.demo import TARIFF as DEMO_TARIFF
 from backend.keys.store import FileKeyStore, KeyState
 from firmware_protocol import modbus_map as mm
 from firmware_protocol import mqtt
@@ -52,22 +53,9 @@ T = TypeVar("T")
 GATEWAY: Final = "e2e-gw"
 METER: Final = 4_200_001
 TIMEZONE: Final = "Europe/Berlin"
-#: meter_sim's default tariff (meter_sim/cli.py ``default_tariff``) without its id: the
-#: meter starts on it, and the backend sends it again as its own version 1.
-TARIFF: Final = {
-    "currency": "EUR",
-    "timezone": TIMEZONE,
-    "bands": [
-        {"name": "offpeak", "price_milli_per_kwh": 24_000},
-        {"name": "peak", "price_milli_per_kwh": 36_500},
-    ],
-    "weekday": [[0, 0], [7 * 60, 1], [21 * 60, 0]],
-    "weekend": [[0, 0]],
-    "holiday": [[0, 0]],
-    "standing_charge_milli_per_day": 39_000,
-    "holidays": [],
-    "blocks": [],
-}
+#: The demo's tariff (meter_sim's factory tariff without its id): off-peak 24.0 ct/kWh,
+#: peak 36.5 ct/kWh on weekdays 07:00-21:00, 39 ct standing charge a day.
+TARIFF: Final = DEMO_TARIFF
 PEAK_MILLI_PER_KWH: Final = 36_500
 ADMIN_KEY: Final = "vck_e2e00001_" + "A" * 43
 TOKEN_SECRET: Final = "e2e-token-secret-0123456789abcdef0123456789"  # noqa: S105 - test only

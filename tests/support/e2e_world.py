@@ -52,6 +52,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy.engine import make_url
 
 from backend.adapters.db.engine import Database
+from backend.demo import TARIFF as DEMO_TARIFF
 from backend.domain.auth import format_api_key
 from backend.keys.store import FileKeyStore
 from firmware_protocol import mqtt
@@ -66,22 +67,9 @@ GATEWAY_ID: Final = "e2e-gw"
 FIRST_METER: Final = 3_000_001
 TARIFF_CODE: Final = "e2e-tou"
 TIMEZONE: Final = "Europe/Berlin"
-#: The demo's tariff (meter_sim's default one): off-peak 24.0 ct/kWh, peak 36.5 ct/kWh on
-#: weekdays 07:00-21:00, 39 ct standing charge a day. The server assigns its id.
-TARIFF: Final = {
-    "currency": "EUR",
-    "timezone": TIMEZONE,
-    "bands": [
-        {"name": "offpeak", "price_milli_per_kwh": 24_000},
-        {"name": "peak", "price_milli_per_kwh": 36_500},
-    ],
-    "weekday": [[0, 0], [7 * 60, 1], [21 * 60, 0]],
-    "weekend": [[0, 0]],
-    "holiday": [[0, 0]],
-    "standing_charge_milli_per_day": 39_000,
-    "holidays": [],
-    "blocks": [],
-}
+#: The demo's tariff (meter_sim's factory tariff without its id): off-peak 24.0 ct/kWh,
+#: peak 36.5 ct/kWh on weekdays 07:00-21:00, 39 ct standing charge a day.
+TARIFF: Final = DEMO_TARIFF
 MAX_PRICE_MILLI_PER_KWH: Final = 36_500
 BANDS: Final = 2
 STANDING_MILLI: Final = 39_000
