@@ -63,9 +63,14 @@ def chunk_readings(
     return [tuple(readings[i : i + size]) for i in range(0, len(readings), size)]
 
 
-def is_historical(created: float, now: float, poll_interval_s: float) -> bool:
-    """A batch is *historical* when it waited longer than one poll interval to be sent."""
-    return now - created > poll_interval_s
+def is_historical(created: int, now: float, poll_interval_s: float) -> bool:
+    """A batch is *historical* when it waited longer than one poll interval to be sent.
+
+    ``created`` is stored in whole seconds (the outbox's column), so a batch made at
+    12.9 s has ``created`` 12: allow that second, or at sub-second poll intervals every
+    other live batch would look late.
+    """
+    return now - created > poll_interval_s + 1
 
 
 def birth_state(*, boot_seq: int, now: int, fw: str, reachable: Mapping[int, bool]) -> GatewayState:

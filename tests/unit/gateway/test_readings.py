@@ -58,8 +58,11 @@ def test_chunks_latest_historical() -> None:
     rs = [reading_from_snapshot(snapshot(m, clock=t)) for m in (1, 2) for t in (5, 9, 7)]
     assert [len(c) for c in chunk_readings(rs, 4)] == [4, 2]
     assert {m: r.ts for m, r in latest_per_meter(rs).items()} == {1: 9, 2: 9}
-    assert is_historical(100, 161, 60)
-    assert not is_historical(100, 160, 60)
+    assert is_historical(100, 162, 60)
+    # created is whole seconds: a batch made at 100.9 s and sent 60 s later is not late
+    assert not is_historical(100, 161, 60)
+    assert not is_historical(100, 100.95, 0.5)
+    assert is_historical(100, 101.6, 0.5)
 
 
 def test_birth_lists_meters_ascending_and_offline_has_none() -> None:
