@@ -34,6 +34,7 @@ from backend.adapters.sdnotify import Notifier
 from backend.api.app import create_app
 from backend.api.context import DATABASE, SCHEMA_HEAD
 from backend.api.routes.system import READY_TIMEOUT_S, DatabaseHealth, check_database
+from backend.api.routes.topups import TOPUP_RUNTIME
 from backend.config import (
     BackendConfig,
     ConfigError,
@@ -147,9 +148,19 @@ async def serve(config: BackendConfig, systemd: SystemdEnv | None = None) -> int
         notifier.ready(serving)
         if notifier.enabled:
             db, head = app[DATABASE], app[SCHEMA_HEAD]
+
+            async def check(timeout_s: float) -> DatabaseHealth:
+                runtime = app.get(TOPUP_RUNTIME)
+                if runtime is not None and runtime.died:
+                    return DatabaseHealth(
+                        answered=False,
+                        problem=f"background task(s) died: {', '.join(runtime.died)}",
+                    )
+                return await check_database(db, head, timeout_s=timeout_s)
+
             watch = loop.create_task(
                 watchdog(
-                    lambda timeout_s: check_database(db, head, timeout_s=timeout_s),
+                    check,
                     notifier,
                     watchdog_usec=systemd.watchdog_usec,
                     serving=serving,

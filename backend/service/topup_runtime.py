@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -102,6 +103,9 @@ class TopupRuntime:
     dispatcher: Dispatcher | None
     link: BackendLink | None
     ingest: IngestConsumer | None = None
+    #: Names of background tasks that died of an unexpected error (the watchdog stops
+    #: vouching for a process whose token or ingest loop is gone: systemd restarts it).
+    died: list[str] = field(default_factory=list)
 
 
 @contextlib.asynccontextmanager
@@ -176,21 +180,24 @@ async def topup_runtime(
             tasks.add(loop.create_task(MessageRouter(link, routes).run(), name="mqtt-router"))
             tasks.add(loop.create_task(consumer.run(), name="ingest"))
         tasks.add(loop.create_task(_reconcile_forever(topups, settings), name="reconcile"))
+        runtime = TopupRuntime(topups, AccountService(db), sandbox, dispatcher, link, consumer)
         for task in tasks:
-            task.add_done_callback(_report_crash)
+            task.add_done_callback(functools.partial(_report_crash, runtime.died))
         try:
-            yield TopupRuntime(topups, AccountService(db), sandbox, dispatcher, link, consumer)
+            yield runtime
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _report_crash(task: asyncio.Task[None]) -> None:
+def _report_crash(died: list[str], task: asyncio.Task[None]) -> None:
     # The loops catch what they expect; anything else is a bug to shout about at once
-    # (the process keeps serving the API, but tokens stop flowing until it restarts).
+    # (the process keeps serving the API, but tokens stop flowing until it restarts, which
+    # the systemd watchdog then does: it stops being fed, see backend/api/cli.py).
     if not task.cancelled() and task.exception() is not None:
         log.critical("task %s died", task.get_name(), exc_info=task.exception())
+        died.append(task.get_name())
 
 
 async def _reconcile_forever(topups: TopupService, settings: TopupSettings) -> None:

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Final, Self
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -124,20 +125,41 @@ class Database:
         SQLite: ``BEGIN IMMEDIATE`` (the write lock up front). PostgreSQL: ``BEGIN`` in
         READ COMMITTED; repositories take row locks.
         """
-        async with contextlib.AsyncExitStack() as stack:
-            options: Mapping[str, Any] = {}
-            if self.is_sqlite:
-                await stack.enter_async_context(self._sqlite_writer)
-                options = {SQLITE_BEGIN_OPTION: "IMMEDIATE"}
-            session = await stack.enter_async_context(self.sessionmaker())
-            session.info[WRITE_SESSION] = True
-            async with session.begin():
-                # Open the transaction now, with the options the begin hook reads.
-                await session.connection(execution_options=dict(options))
-                yield session
+        with _unavailable("write"):
+            async with contextlib.AsyncExitStack() as stack:
+                options: Mapping[str, Any] = {}
+                if self.is_sqlite:
+                    await stack.enter_async_context(self._sqlite_writer)
+                    options = {SQLITE_BEGIN_OPTION: "IMMEDIATE"}
+                session = await stack.enter_async_context(self.sessionmaker())
+                session.info[WRITE_SESSION] = True
+                async with session.begin():
+                    # Open the transaction now, with the options the begin hook reads.
+                    await session.connection(execution_options=dict(options))
+                    yield session
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
         """A session for reading (a deferred transaction; WAL readers never wait for writers)."""
-        async with self.sessionmaker() as session, session.begin():
-            yield session
+        with _unavailable("read"):
+            async with self.sessionmaker() as session, session.begin():
+                yield session
+
+
+@contextlib.contextmanager
+def _unavailable(what: str) -> Iterator[None]:
+    """Database failures outside the repositories (connect, begin, commit) → StorageError.
+
+    Repositories translate what their statements raise; opening a connection to a
+    database that is down, or a commit that fails, happens here, and callers' retry loops
+    (dispatcher, ingest) must see "storage, try again" rather than a driver's exception.
+    """
+    try:
+        yield
+    except IntegrityError:
+        # A constraint at commit is the caller's business (a duplicate that raced it).
+        raise
+    except DBAPIError as exc:
+        raise StorageError(f"database {what} failed: {exc.orig}") from exc
+    except OSError as exc:  # asyncpg: connection refused, reset, unreachable host
+        raise StorageError(f"database {what} failed: {exc}") from exc
