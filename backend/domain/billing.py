@@ -154,6 +154,11 @@ class RuleSet:
             remainder=kinds.index(split.RuleKind.REMAINDER) if refs else -1,
         )
 
+    @property
+    def remainder_account(self) -> int | None:
+        """The REMAINDER partner's ledger account, or ``None`` without rules."""
+        return self.partners[self.remainder] if self.refs else None
+
     def accrued(self, amount: int, energy_wh: int, days: int) -> list[int]:
         """Milli per rule of the running totals (:func:`split.accrued`)."""
         out = []
@@ -266,11 +271,3 @@ def resolve(due: Mapping[str, int], remainder_account: int | None) -> dict[int, 
             account = int(key)
         out[account] = out.get(account, 0) + value
     return out
-
-
-def remainder_of(rules: Sequence[RuleRef]) -> int | None:
-    """The REMAINDER partner's ledger account, or ``None`` without rules."""
-    for r in rules:
-        if r.rule.kind is split.RuleKind.REMAINDER:
-            return r.rule.partner
-    return None

@@ -381,16 +381,20 @@ class IngestService:
         by_meter: dict[int, list[dict[str, Any]]] = {}
         for row in intervals:
             by_meter.setdefault(row["meter_id"], []).append(row)
-        refs: dict[int, list[billing.RuleRef]] = {}
         compiled: dict[tuple[int, str, int | None], billing.RuleSet] = {}
+
+        def rule_set_of(m: _Meter) -> billing.RuleSet:
+            # One compiled rule set per tariff and reseller in this unit of work.
+            key = (m.info.tenant_id, m.info.tariff_code, m.info.reseller_id)
+            found = compiled.get(key)
+            if found is None:
+                rows = rules_by_key.get((m.info.tenant_id, m.info.tariff_code), [])
+                found = compiled[key] = billing.RuleSet.of(_rule_refs(rows, m.info))
+            return found
+
         for meter_id, rows in by_meter.items():
             m = meters[meter_id]
-            rules = _rule_refs(rules_by_key.get((m.info.tenant_id, m.info.tariff_code), []), m.info)
-            refs[meter_id] = rules
-            key = (m.info.tenant_id, m.info.tariff_code, m.info.reseller_id)
-            rule_set = compiled.get(key)
-            if rule_set is None:
-                rule_set = compiled[key] = billing.RuleSet.of(rules)
+            rule_set = rule_set_of(m)
             first_bill = m.book.rule_set != billing.NO_RULES or m.book.totals == split.SplitTotals()
             for row in rows:
                 billed = billing.bill(m.book, rule_set, (row.pop("_interval"),))
@@ -399,7 +403,7 @@ class IngestService:
                 row["payer_minor"] = billed.payer_minor
                 row["carry_milli"] = billed.book.carry.amount_milli
                 m.lines = billing.merge(m.lines, billed.lines)
-            if not rules and first_bill:
+            if not rule_set.refs and first_bill:
                 alerts.append(
                     _alert(
                         m.info.tenant_id,
@@ -416,20 +420,20 @@ class IngestService:
             account_ids.add(m.info.prepaid_account_id)
             account_ids.update(int(k) for k in m.book.pending if k != billing.REMAINDER_KEY)
             account_ids.update(int(k) for k in m.lines if k != billing.REMAINDER_KEY)
-            rem = billing.remainder_of(refs.get(m.info.meter_id) or self._refs_for(m, rules_by_key))
+            rem = rule_set_of(m).remainder_account
             if rem is not None:
                 account_ids.add(rem)
         accounts = await repo.lock_accounts(account_ids)
         touched: dict[int, Account] = {}
         transfers: list[Transfer] = []
         for m in due_meters:
-            rules = refs.get(m.info.meter_id) or self._refs_for(m, rules_by_key)
+            rule_set = rule_set_of(m)
             had_pending = bool(m.book.pending)
             due = billing.merge(m.book.pending, m.lines)
             m.lines = {}
-            posting = _posting(m, due, billing.remainder_of(rules), accounts, now)
+            posting = _posting(m, due, rule_set.remainder_account, accounts, now)
             if posting is None:
-                if not had_pending and due and rules:
+                if not had_pending and due and rule_set.refs:
                     alerts.append(
                         _alert(
                             m.info.tenant_id,
@@ -454,11 +458,6 @@ class IngestService:
         await repo.post(list(touched.values()), transfers)
         report.transfers += len(transfers)
         await self._reconcile(repo, meters, accounts, now, alerts)
-
-    def _refs_for(
-        self, m: _Meter, rules_by_key: dict[tuple[int, str], list[RuleRow]]
-    ) -> list[billing.RuleRef]:
-        return _rule_refs(rules_by_key.get((m.info.tenant_id, m.info.tariff_code), []), m.info)
 
     async def _reconcile(
         self,
