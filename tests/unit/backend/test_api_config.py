@@ -69,6 +69,10 @@ def test_config_file_from_the_environment(tmp_path: Path) -> None:
         ('[auth]\nbootstrap_admin_key = "vck_x"\n', "auth.bootstrap_admin_key: must be a key"),
         ('[keys]\ndir = ""\n', "keys.dir: must be a non-empty string"),
         ("[http\n", "b.toml: not valid TOML"),
+        ('[mqtt]\nshared_subscriptions = "yes"\n', "mqtt.shared_subscriptions: must be true"),
+        ('[mqtt]\nclient_id = "a/b"\n', "mqtt.client_id: must be 1..64 printable"),
+        ("[ingest]\nmax_clock_ahead_s = -1\n", "ingest.max_clock_ahead_s: must be an integer"),
+        ("[alerts]\nmeter_stale_s = 5\n", "alerts.meter_stale_s: must be an integer"),
     ],
 )
 def test_file_refusals_name_file_and_key(tmp_path: Path, text: str, message: str | None) -> None:
